@@ -1,0 +1,113 @@
+"""Epoch checkpoints: written atomically, rotated, verified before a run resumes from them.
+
+A run directory holds `epoch-NNNN.pt` (everything needed to continue after epoch NNNN: model, optimizer,
+scheduler, RNG states, history, the resolved config) and `best-NNNN.pt` (the model weights of the best
+epoch so far). Files are written to a temporary name and renamed, so a kill at any moment leaves either
+the old file or the new one. The two newest epoch checkpoints and the best weights they name are kept,
+so that a torn or corrupt newest checkpoint falls back to the one before it; a checkpoint that fails verification is renamed
+`*.rejected` and reported once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vadsearch.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+KEEP = 2
+_NAME = re.compile(r"^(epoch|best)-(\d{4,})\.pt$")
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: {exc.strerror or exc}; "
+            "free disk space or point the artifact directory at a writable place"
+        ) from None
+
+
+def _safe_load(path: Path) -> Any:
+    # weights_only: a checkpoint file holds tensors and plain values and can never run code.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class RunDirectory:
+    """The checkpoints of one training run."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def _files(self, kind: str) -> list[tuple[int, Path]]:
+        if not self.path.is_dir():
+            return []
+        found = [(int(m[2]), p) for p in self.path.iterdir() if (m := _NAME.match(p.name)) and m[1] == kind]
+        return sorted(found, reverse=True)
+
+    def save(self, state: dict[str, Any], best_model: dict[str, torch.Tensor] | None, previous_best: int) -> None:
+        """Write the checkpoint of `state["epoch"]`; `best_model` when this epoch is a new best.
+
+        `previous_best` is the best epoch named by the checkpoint before this one: its weights stay for
+        as long as that checkpoint may still be the fallback.
+        """
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CheckpointError(f"cannot create checkpoint directory {self.path}: {exc.strerror or exc}") from None
+        epoch = state["epoch"]
+        if best_model is not None:
+            # Written before the epoch checkpoint that names it, so no checkpoint points at a missing file.
+            atomic_save({"format": FORMAT, "epoch": epoch, "fingerprint": state["fingerprint"], "model": best_model},
+                        self.path / f"best-{epoch:04d}.pt")
+        atomic_save({**state, "format": FORMAT}, self.path / f"epoch-{epoch:04d}.pt")
+        for _, old in self._files("epoch")[KEEP:]:
+            old.unlink(missing_ok=True)
+        for number, old in self._files("best"):
+            if number not in (state["best_epoch"], previous_best):
+                old.unlink(missing_ok=True)
+
+    def load(self, fingerprint: str, data_sha256: str) -> dict[str, Any] | None:
+        """The newest checkpoint that verifies, with its best weights under `"best_model"`; else None."""
+        for _, path in self._files("epoch"):
+            try:
+                state = _safe_load(path)
+                problem = _mismatch(state, fingerprint, data_sha256)
+                if problem is None:
+                    best = _safe_load(self.path / f"best-{state['best_epoch']:04d}.pt")
+                    problem = None if best.get("fingerprint") == fingerprint else "its best weights belong to another run"
+            except Exception as exc:  # torn, truncated or random bytes: anything unpicklable
+                problem = f"unreadable ({type(exc).__name__})"
+            if problem is None:
+                return {**state, "best_model": best["model"]}
+            log.warning("checkpoint %s rejected: %s; falling back to an earlier one", path, problem)
+            path.replace(path.with_name(path.name + ".rejected"))
+        return None
+
+    def best_model(self, epoch: int) -> dict[str, torch.Tensor]:
+        return _safe_load(self.path / f"best-{epoch:04d}.pt")["model"]
+
+
+def _mismatch(state: Any, fingerprint: str, data_sha256: str) -> str | None:
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        return "not a vadsearch checkpoint"
+    if state.get("fingerprint") != fingerprint:
+        return "it belongs to another configuration"
+    if state.get("data_sha256") != data_sha256:
+        return "it was trained on other data"
+    return None

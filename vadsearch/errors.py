@@ -1,0 +1,43 @@
+"""The exception family. The CLI turns any `VadsearchError` into one line and its exit code."""
+
+
+class VadsearchError(Exception):
+    """An error the user can fix; its message says what to do next."""
+
+    exit_code = 1
+
+
+class DataError(VadsearchError):
+    """The corpus cannot be found, downloaded or parsed, or fails validation."""
+
+    exit_code = 2
+
+
+class ConfigError(VadsearchError):
+    """A training configuration or option has an invalid value."""
+
+    exit_code = 2
+
+
+class StudyFileError(VadsearchError):
+    """A study file is malformed: unknown key, wrong type, impossible range."""
+
+    exit_code = 2
+
+
+class StorageError(VadsearchError):
+    """The study storage cannot be reached or does not hold what was asked for."""
+
+    exit_code = 3
+
+
+class CheckpointError(VadsearchError):
+    """A checkpoint cannot be written (disk full, read-only directory)."""
+
+    exit_code = 4
+
+
+class TrainingError(VadsearchError):
+    """Training cannot go on: the loss diverged to NaN or infinity."""
+
+    exit_code = 5

@@ -1,0 +1,85 @@
+"""Any Hugging Face encoder: [CLS] → dropout → Linear(3), with a window of trainable layers."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from vadsearch.errors import ConfigError
+
+
+def load_encoder(model_name: str) -> nn.Module:
+    from transformers import AutoModel
+
+    try:
+        # fp32 master weights whatever the file stores; CUDA runs use bf16 autocast on top.
+        return AutoModel.from_pretrained(model_name, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot load the encoder {model_name!r}: pass a hub id this machine can download, "
+            f"or a local model directory ({str(exc).splitlines()[0]})"
+        ) from None
+
+
+class BertRegressor(nn.Module):
+    def __init__(self, encoder: nn.Module, dropout: float, output_bias: np.ndarray) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.config.hidden_size, 3)
+        with torch.no_grad():
+            # Starting at the training means instead of 0 saves the first epoch (MSE ≈ 9 otherwise).
+            self.head.bias.copy_(torch.as_tensor(output_bias, dtype=torch.float32))
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        lengths = lengths.to(ids.device, non_blocking=True)
+        mask = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
+        hidden = self.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        return self.head(self.dropout(hidden[:, 0]))
+
+
+def layer_window(spec: str, n_layers: int) -> range:
+    """`all`, `none`, `first-K`, `middle-K`, `last-K` or `I:J` → the indices of layers that train."""
+    if spec == "all":
+        return range(n_layers)
+    if spec == "none":
+        return range(0)
+    if ":" in spec:
+        start, stop = (int(x) for x in spec.split(":"))
+    else:
+        where, k = spec.split("-")
+        k = int(k)
+        start = {"first": 0, "middle": (n_layers - k) // 2, "last": n_layers - k}[where]
+        stop = start + k
+    if not 0 <= start < stop <= n_layers:
+        raise ConfigError(f"trainable_layers {spec!r} does not fit a model of {n_layers} layers")
+    return range(start, stop)
+
+
+def _layers(encoder: nn.Module) -> nn.ModuleList:
+    for path in ("encoder.layer", "transformer.layer", "layers", "encoder.layers"):
+        module = encoder
+        for name in path.split("."):
+            module = getattr(module, name, None)
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise ConfigError(f"cannot find the transformer layers of {type(encoder).__name__} to freeze")
+
+
+def apply_trainable_window(model: BertRegressor, spec: str, train_embeddings: bool) -> None:
+    """Freeze every transformer layer outside the window; the head always trains.
+
+    The pooler is frozen too: the regressor reads the [CLS] hidden state, not the pooled output.
+    """
+    encoder = model.encoder
+    layers = _layers(encoder)
+    window = layer_window(spec, len(layers))
+    for i, layer in enumerate(layers):
+        layer.requires_grad_(i in window)
+    embeddings = getattr(encoder, "embeddings", None)
+    if embeddings is not None:
+        embeddings.requires_grad_(train_embeddings)
+    pooler = getattr(encoder, "pooler", None)
+    if pooler is not None:
+        pooler.requires_grad_(False)

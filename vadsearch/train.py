@@ -1,0 +1,279 @@
+"""The epoch loop: train, evaluate on dev, checkpoint, repeat; then report the best epoch on test once.
+
+The best epoch on dev is the run's result (the report's "number of epochs" hyperparameter). The test
+split is touched only after training, with the best epoch's weights, for reporting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vadsearch.batching import collate, eval_batches, train_batches
+from vadsearch.checkpoint import RunDirectory
+from vadsearch.config import TrainConfig
+from vadsearch.data import Corpus
+from vadsearch.encoding import EncodedSplit, encode_corpus
+from vadsearch.errors import ConfigError, TrainingError
+from vadsearch.metrics import Scores, score, train_means
+from vadsearch.seeding import capture_rng, restore_rng, seed_everything
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    epoch: int  # 1-based
+    train_loss: float
+    dev: Scores
+    seconds: float
+    best: bool  # a new best dev score at this epoch
+    restored: bool = False  # read back from a checkpoint rather than trained by this call
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "train_loss": self.train_loss, "dev": self.dev.as_dict(),
+                "seconds": self.seconds, "best": self.best}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EpochResult:
+        return cls(d["epoch"], d["train_loss"], Scores.from_dict(d["dev"]), d["seconds"], d["best"])
+
+
+@dataclass(frozen=True)
+class RunResult:
+    config: TrainConfig
+    best_epoch: int  # 0 for the untrained baseline
+    dev: Scores
+    test: Scores | None  # None when the corpus has no test split
+    history: tuple[EpochResult, ...] = ()
+    resumed_from: int = 0  # epochs found finished in the checkpoint when this call started
+    stopped_early: bool = False
+    trainable_params: int = 0
+    total_params: int = 0
+    trainable_names: tuple[str, ...] = field(default=(), repr=False)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.relevant(),
+            "best_epoch": self.best_epoch,
+            "dev": self.dev.as_dict(),
+            "test": self.test.as_dict() if self.test else None,
+            "history": [h.as_dict() for h in self.history],
+            "resumed_from": self.resumed_from,
+            "stopped_early": self.stopped_early,
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "seconds": self.seconds,
+        }
+
+
+EpochCallback = Callable[[EpochResult], None]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name} asked for, but this machine has no CUDA GPU: use --device cpu")
+    return device
+
+
+def _autocast(device: torch.device):
+    # bf16 keeps fp32's exponent range, so regression targets need no loss scaling.
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def predict(model: nn.Module, split: EncodedSplit, batch_size: int, device: torch.device) -> np.ndarray:
+    """(n, 3) predictions in row order, clipped to the rating scale [1, 5]."""
+    if len(split) == 0:
+        return np.empty((0, 3), dtype=np.float32)
+    was_training = model.training
+    model.eval()
+    batches = eval_batches(split.lengths, batch_size)
+    outputs = []
+    with torch.inference_mode(), _autocast(device):
+        for rows in batches:
+            ids, lengths, _ = collate(split, rows, device)
+            outputs.append(model(ids, lengths).float())
+    model.train(was_training)
+    ordered = torch.cat(outputs).cpu().numpy()  # one device→host copy per evaluation
+    predictions = np.empty_like(ordered)
+    predictions[np.concatenate(batches)] = ordered
+    return np.clip(predictions, 1.0, 5.0)
+
+
+def _optimizer(config: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    # Fused kernels update every parameter in a few launches instead of several per tensor.
+    return kind(params, lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda")
+
+
+def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    total = config.max_epochs * steps_per_epoch
+    warmup = int(config.warmup_ratio * total)
+
+    def factor(step: int) -> float:
+        if config.schedule == "constant":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _train_epoch(model, split, optimizer, scheduler, config, epoch, device, progress) -> float:
+    model.train()
+    # Each epoch's order depends only on (seed, epoch): a resumed run sees the same batches.
+    batches = train_batches(split.lengths, config.batch_size, np.random.default_rng([config.seed, epoch]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = torch.zeros((), device=device)  # summed on the device: no host sync per step
+    for rows in _bar(batches, progress, f"epoch {epoch}/{config.max_epochs}"):
+        ids, lengths, targets = collate(split, rows, device)
+        with _autocast(device):
+            predictions = model(ids, lengths)
+        loss = F.mse_loss(predictions.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        total += loss.detach() * len(rows)
+    return (total / len(split)).item()
+
+
+def _bar(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+
+
+def _patience_exhausted(history: list[EpochResult], best_epoch: int, patience: int) -> bool:
+    return patience > 0 and len(history) - best_epoch >= patience
+
+
+def _baseline(config: TrainConfig, corpus: Corpus) -> RunResult:
+    value = train_means(corpus) if config.baseline == "mean" else np.full(3, 3.0)
+
+    def evaluate(split):
+        return score(np.broadcast_to(value, split.targets.shape), split.targets) if len(split) else None
+
+    return RunResult(config, best_epoch=0, dev=evaluate(corpus.dev), test=evaluate(corpus.test))
+
+
+def train(
+    config: TrainConfig,
+    corpus: Corpus,
+    *,
+    run_dir: str | Path | None = None,
+    device: str = "auto",
+    on_epoch: EpochCallback | None = None,
+    progress: bool = False,
+) -> RunResult:
+    """Train `config` on `corpus`, resuming from the checkpoints in `run_dir` when there are any.
+
+    `on_epoch` runs after each epoch's checkpoint is written, so an exception it raises (a pruned
+    trial, Ctrl-C) leaves the run resumable from that epoch. Epochs restored from a checkpoint are
+    passed to it first (with `restored=True`), so a caller that records per-epoch values loses none.
+    """
+    started = time.perf_counter()
+    if config.model == "baseline":
+        return _baseline(config, corpus)
+    dev_device = resolve_device(device)
+    if dev_device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 where fp32 remains
+    seed_everything(config.seed)
+    encoded = encode_corpus(config, corpus)
+    from vadsearch.models import build_model, trainable_parameters
+
+    model = build_model(config, encoded, train_means(corpus)).to(dev_device)
+    names, n_trainable, n_total = trainable_parameters(model)
+    if n_trainable == 0:
+        raise ConfigError("nothing to train: every parameter is frozen")
+    optimizer = _optimizer(config, model, dev_device)
+    scheduler = _scheduler(config, optimizer, math.ceil(len(encoded.train) / config.batch_size))
+
+    fingerprint = config.fingerprint()
+    run = RunDirectory(run_dir) if run_dir is not None else None
+    history: list[EpochResult] = []
+    best_epoch, best_model = 0, None
+    checkpoint = run.load(fingerprint, corpus.sha256) if run else None
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        restore_rng(checkpoint["rng"])
+        history = [EpochResult.from_dict(h) for h in checkpoint["history"]]
+        best_epoch, best_model = checkpoint["best_epoch"], checkpoint["best_model"]
+    resumed_from = len(history)
+    for restored in history:
+        if on_epoch:
+            on_epoch(dataclasses.replace(restored, restored=True))
+
+    stopped_early = _patience_exhausted(history, best_epoch, config.patience)
+    for epoch in range(len(history) + 1, config.max_epochs + 1):
+        if stopped_early:
+            break
+        epoch_started = time.perf_counter()
+        loss = _train_epoch(model, encoded.train, optimizer, scheduler, config, epoch, dev_device, progress)
+        dev = score(predict(model, encoded.dev, config.eval_batch_size, dev_device), encoded.dev.targets)
+        if not (math.isfinite(loss) and math.isfinite(dev.mse)):
+            raise TrainingError(f"training diverged at epoch {epoch} (loss {loss}): lower the learning rate")
+        previous_best = best_epoch
+        improved = best_epoch == 0 or dev.mse < history[best_epoch - 1].dev.mse
+        if improved:
+            best_epoch = epoch
+            best_model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        history.append(EpochResult(epoch, loss, dev, time.perf_counter() - epoch_started, improved))
+        if run:
+            state = {
+                "fingerprint": fingerprint,
+                "data_sha256": corpus.sha256,
+                "config": config.to_dict(),
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": capture_rng(),
+                "history": [h.as_dict() for h in history],
+                "best_epoch": best_epoch,
+                "vocab": list(encoded.vocab.itos) if encoded.vocab else None,
+            }
+            run.save(state, best_model if improved else None, previous_best)
+        if on_epoch:
+            on_epoch(history[-1])
+        stopped_early = _patience_exhausted(history, best_epoch, config.patience)
+
+    model.load_state_dict(best_model)
+    test = None
+    if len(encoded.test):
+        test = score(predict(model, encoded.test, config.eval_batch_size, dev_device), encoded.test.targets)
+    return RunResult(
+        config=config,
+        best_epoch=best_epoch,
+        dev=history[best_epoch - 1].dev,
+        test=test,
+        history=tuple(history),
+        resumed_from=resumed_from,
+        stopped_early=stopped_early,
+        trainable_params=n_trainable,
+        total_params=n_total,
+        trainable_names=tuple(names),
+        seconds=time.perf_counter() - started,
+    )

@@ -34,3 +34,40 @@ def tiny_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_corpus(tiny_csv: Path) -> Corpus:
     return load_corpus(tiny_csv)
+
+
+# Word pieces beyond the corpus words, so that unseen inflections split into pieces instead of [UNK].
+_TINY_BERT_PIECES = ("##s", "##ed", "##ing", "##ly", "un", "##happy", "!", ",", "?")
+TINY_BERT_LAYERS = 4
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 4-layer, 32-wide BERT with a WordPiece vocabulary of the tiny corpus, built without network.
+
+    Randomly initialised (seeded): good enough to check shapes, masking, freezing and resuming.
+    """
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from helpers import NEUTRAL_WORDS, WORD_EFFECTS
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *WORD_EFFECTS, *NEUTRAL_WORDS, *_TINY_BERT_PIECES]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    # from_pretrained on a folder holding vocab.txt works across transformers 4 and 5 (5 ignores the
+    # `vocab_file=` argument of the constructor and would silently build an empty vocabulary).
+    tokenizer = BertTokenizerFast.from_pretrained(str(directory))
+    assert len(tokenizer.get_vocab()) == len(vocab), "the tiny BERT tokenizer lost its vocabulary"
+    tokenizer.save_pretrained(str(directory))
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=TINY_BERT_LAYERS,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(str(directory))
+    return str(directory)

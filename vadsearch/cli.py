@@ -52,15 +52,28 @@ DataOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; warnings and results only.")]
+StorageOpt = Annotated[
+    Optional[str],
+    typer.Option("--storage", help="Study database URL. Default: $VADSEARCH_STORAGE, else sqlite:///vadsearch.db."),
+]
+ArtifactsOpt = Annotated[
+    Path, typer.Option(help="Checkpoints and best weights; must be shared by all workers of a study.")
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a [train] value of the study file, e.g. --set max_epochs=2 (repeatable)."),
+]
+FormatOpt = Annotated[str, typer.Option("--format", "-f", help="table, markdown, csv or json.")]
+StudyArg = Annotated[str, typer.Argument(help="Study name, or the study file that defines it.")]
 
 
 def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+    level = logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    if "optuna" in sys.modules or not quiet:
+        import optuna
+
+        optuna.logging.set_verbosity(level)
 
 
 def _scores_line(label: str, scores) -> str:
@@ -149,6 +162,236 @@ def train(
     typer.echo(_scores_line("dev", result.dev))
     if result.test is not None:
         typer.echo(_scores_line("test", result.test))
+
+
+def _parse_sets(items: list[str] | None) -> dict:
+    """`KEY=VALUE` pairs; VALUE is read as a TOML value (2, 1e-3, true, "x"), else taken as text."""
+    import tomllib
+
+    from vadsearch.errors import ConfigError
+
+    values = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            values[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            values[key.strip()] = raw
+    return values
+
+
+def _load_spec(study_file: Path, data: Path | None, sets: list[str] | None):
+    from vadsearch.studyfile import load_study_file
+
+    spec = load_study_file(study_file)
+    overrides = _parse_sets(sets)
+    if data is not None or overrides:
+        spec = spec.with_overrides(data_path=data, train=overrides or None)
+    return spec
+
+
+def _study_name(study: str) -> str:
+    if study.endswith(".toml") and Path(study).is_file():
+        from vadsearch.studyfile import load_study_file
+
+        return load_study_file(study).name
+    return study
+
+
+@app.command()
+def worker(
+    study_file: Annotated[Path, typer.Argument(help="A study file, e.g. studies/quickstart.toml.")],
+    storage: StorageOpt = None,
+    n_trials: Annotated[Optional[int], typer.Option(help="Run at most N trials, then stop.")] = None,
+    timeout: Annotated[Optional[float], typer.Option(help="Start no new trial after this many seconds.")] = None,
+    artifacts: ArtifactsOpt = Path("vadsearch-artifacts"),
+    data: DataOpt = None,
+    device: DeviceOpt = "auto",
+    sets: SetOpt = None,
+    heartbeat_interval: Annotated[int, typer.Option(help="Seconds between a running trial's heartbeats.")] = 10,
+    grace_period: Annotated[int, typer.Option(help="Seconds without heartbeat before a trial counts as dead.")] = 60,
+    quiet: QuietOpt = False,
+) -> None:
+    """Create the study (or join it) and run its trials until it is finished.
+
+    Any number of workers, on any number of machines, can run the same study file against one
+    storage. Stop a worker with Ctrl-C and start it again: finished trials are never run again, and
+    a half-trained trial resumes from its last epoch checkpoint.
+
+    Examples:
+
+      vadsearch worker studies/quickstart.toml
+
+      vadsearch worker studies/bert.toml --storage postgresql+psycopg://user:pw@db/vad --set model_name=PATH
+    """
+    _setup_logging(quiet)
+    from vadsearch import report as reports
+    from vadsearch.worker import Worker, WorkerOptions
+
+    spec = _load_spec(study_file, data, sets)
+    options = WorkerOptions(storage=storage, artifacts=artifacts, device=device, n_trials=n_trials,
+                            timeout=timeout, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                            progress=not quiet)
+    summary = Worker(spec, options).run()
+    states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(summary.states.items())) or "none"
+    typer.echo(f"worker stopped ({summary.stopped}): ran {len(summary.trials)} trial(s): {states}")
+    if summary.stopped == "interrupted":
+        typer.echo("interrupted: run the same command again to resume", err=True)
+        raise typer.Exit(130)
+    if summary.stopped == "finished":
+        study = reports.load(_open(storage), spec.name)
+        typer.echo(reports.render(reports.leaderboard(study, top=10), "table"))
+        typer.echo("")
+        typer.echo(reports.render({k: v for k, v in reports.best(study).items() if k != "config"}, "table"))
+
+
+@app.command()
+def launch(
+    study_file: Annotated[Path, typer.Argument(help="A study file, e.g. studies/lstm.toml.")],
+    workers: Annotated[int, typer.Option(help="Worker processes to start on this machine.")] = 2,
+    gpus: Annotated[Optional[str], typer.Option(help="GPU indices to spread the workers over, e.g. 0,1.")] = None,
+    storage: StorageOpt = None,
+    timeout: Annotated[Optional[float], typer.Option(help="Workers start no new trial after this many seconds.")] = None,
+    artifacts: ArtifactsOpt = Path("vadsearch-artifacts"),
+    data: DataOpt = None,
+    device: DeviceOpt = "auto",
+    sets: SetOpt = None,
+    log_dir: Annotated[Path, typer.Option(help="One log file per worker goes here.")] = Path("vadsearch-logs"),
+) -> None:
+    """Start N workers on this machine (round-robin over --gpus) and show their combined progress.
+
+    Example:
+
+      vadsearch launch studies/lstm.toml --workers 8 --gpus 0,1
+    """
+    _setup_logging(False)
+    from vadsearch import launch as launcher
+    from vadsearch.storage import storage_url
+
+    spec = _load_spec(study_file, data, sets)  # fail here, once, rather than in N workers
+    url = storage_url(storage)
+    args = ["--storage", url, "--artifacts", str(artifacts), "--device", device]
+    args += ["--data", str(data)] if data else []
+    args += ["--timeout", str(timeout)] if timeout is not None else []
+    for item in sets or []:
+        args += ["--set", item]
+    plan = launcher.LaunchPlan(study_file, workers, launcher.parse_gpus(gpus), tuple(args), log_dir)
+    processes = launcher.start(plan)
+    typer.echo(f"started {workers} worker(s) on {spec.name}; logs in {log_dir}/")
+    try:
+        codes = launcher.wait(processes, on_tick=_progress_bar(spec, url))
+    except KeyboardInterrupt:
+        typer.echo("interrupted: workers stopped; run the same command again to resume", err=True)
+        raise typer.Exit(130)
+    failed = [i for i, code in enumerate(codes) if code != 0]
+    if failed:
+        typer.echo(f"error: worker(s) {', '.join(map(str, failed))} exited with an error; see {log_dir}/", err=True)
+        raise typer.Exit(1)
+    from vadsearch import report as reports
+
+    study = reports.load(_open(url), spec.name)
+    typer.echo(reports.render(reports.leaderboard(study, top=10), "table"))
+
+
+def _progress_bar(spec, url: str):
+    """A tick function that redraws one bar of settled configurations, read from the storage."""
+    from tqdm.auto import tqdm
+
+    from vadsearch.worker import progress
+
+    bar = tqdm(total=spec.max_trials, desc=spec.name, unit="trial", dynamic_ncols=True)
+    state = {"storage": None}
+
+    def tick() -> None:
+        try:
+            if state["storage"] is None:
+                state["storage"] = _open(url)
+            settled, running, failed = progress(state["storage"], spec)
+        except Exception:  # the first worker has not created the study yet
+            return
+        bar.n = settled
+        bar.set_postfix(running=running, failed=failed, refresh=False)
+        bar.refresh()
+
+    return tick
+
+
+def _open(storage: str | None):
+    from vadsearch.storage import open_storage
+
+    return open_storage(storage, create=False)
+
+
+@app.command()
+def status(storage: StorageOpt = None, fmt: FormatOpt = "table") -> None:
+    """Each study: trials by state; running trials with their epoch, worker and heartbeat age."""
+    from vadsearch import report as reports
+
+    rows = reports.status(_open(storage))
+    if fmt != "table":
+        typer.echo(reports.render(rows, fmt))
+        return
+    if not rows:
+        typer.echo("no studies yet: start one with `vadsearch worker STUDY_FILE`")
+    for row in rows:
+        typer.echo(f"{row['name']} ({row['model']}, {row['sampler']}): {row['complete']}/{row['max_trials']} complete, "
+                   f"{row['running']} running, {row['waiting']} waiting, {row['fail']} failed, {row['pruned']} pruned")
+        for t in row["running_trials"]:
+            age = "?" if t["heartbeat_age_s"] is None else f"{t['heartbeat_age_s']:.0f}s"
+            typer.echo(f"  trial {t['number']}: epoch {t['epochs_done'] or 0} on {t['worker']}, heartbeat {age} ago")
+
+
+@app.command()
+def report(
+    study: StudyArg,
+    storage: StorageOpt = None,
+    fmt: FormatOpt = "table",
+    top: Annotated[Optional[int], typer.Option(help="Show the N best trials only.")] = None,
+) -> None:
+    """Leaderboard of a study by dev score, then the best trial's parameters and its test score.
+
+    Example: vadsearch report quickstart --format markdown
+    """
+    from vadsearch import report as reports
+
+    loaded = reports.load(_open(storage), _study_name(study))
+    board = reports.leaderboard(loaded, top=top)
+    if fmt in ("csv", "json"):
+        typer.echo(reports.render(board, fmt))
+        return
+    typer.echo(reports.render(board, fmt))
+    typer.echo("")
+    summary = {k: v for k, v in reports.best(loaded).items() if k != "config"}  # the config: see `best`
+    typer.echo(reports.render(summary, fmt))
+
+
+@app.command()
+def best(study: StudyArg, storage: StorageOpt = None, fmt: FormatOpt = "json") -> None:
+    """The best trial (by dev score): parameters, best epoch, dev and test scores, checkpoint.
+
+    Example: vadsearch best quickstart --format json
+    """
+    from vadsearch import report as reports
+
+    typer.echo(reports.render(reports.best(reports.load(_open(storage), _study_name(study))), fmt))
+
+
+@app.command()
+def compare(
+    studies: Annotated[list[str], typer.Argument(help="Study names (or files), one row each.")],
+    storage: StorageOpt = None,
+    fmt: FormatOpt = "table",
+) -> None:
+    """The report's table: each study's best trial, its dev and test score and per-dimension r.
+
+    Example: vadsearch compare baseline lstm bert bert-cased bert-freeze --format markdown
+    """
+    from vadsearch import report as reports
+
+    opened = _open(storage)
+    typer.echo(reports.render(reports.compare([reports.load(opened, _study_name(s)) for s in studies]), fmt))
 
 
 def main() -> None:

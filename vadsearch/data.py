@@ -12,17 +12,13 @@ import hashlib
 import io
 import math
 import os
-import sys
-import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
-from http.client import HTTPException
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Iterator
 
 import numpy as np
 
+from vadsearch.download import DownloadError, download_verified
 from vadsearch.errors import DataError
 
 SPLITS = ("train", "dev", "test")
@@ -32,7 +28,6 @@ EMOBANK_URL = "https://raw.githubusercontent.com/JULIELab/EmoBank/master/corpus/
 EMOBANK_SHA256 = "1ade4a4a453e880c0f39d0536d2b355e8a716e0cf88236c64cdb4d438cf9605b"
 
 SCORE_RANGE = (1.0, 5.0)  # EmoBank's rating scale; V, A, D are averages of 1..5 ratings
-DOWNLOAD_TIMEOUT_S = 30
 _CHUNK_BYTES = 64 * 1024
 _HOW_TO_PASS = "download it yourself and pass --data PATH or set VADSEARCH_DATA"
 
@@ -196,63 +191,11 @@ def file_sha256(path: str | Path) -> str:
 
 
 def download_emobank(dest: Path, url: str = EMOBANK_URL, sha256: str = EMOBANK_SHA256) -> Path:
-    """Download `url` to `dest`, verifying its sha256; return `dest`.
-
-    The bytes go to a temporary file beside `dest` that is renamed into place only once the checksum
-    matches, so an interrupted or corrupt download never leaves a file that a later run would trust.
-    """
-    dest = Path(dest)
+    """Download the corpus to `dest`, verifying its sha256; return `dest`."""
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    except OSError as e:
-        raise DataError(
-            f"cannot write to {dest.parent}: {e.strerror or e}; set VADSEARCH_CACHE to a writable "
-            f"directory, or {_HOW_TO_PASS}"
-        ) from e
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            actual = _fetch(url, out)
-        if actual != sha256:
-            raise DataError(
-                f"the file downloaded from {url} has sha256 {actual}, expected {sha256}; "
-                f"it was discarded. Try again later, or {_HOW_TO_PASS}"
-            )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)  # no-op after a successful rename
-    return dest
-
-
-def _fetch(url: str, out: BinaryIO) -> str:
-    """Stream `url` into `out` with a progress bar on stderr; return the sha256 of what was written."""
-    from tqdm import tqdm  # lazy: only a download needs it
-
-    digest = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            length = response.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
-            with tqdm(total=total, unit="B", unit_scale=True, desc="EmoBank", file=sys.stderr) as bar:
-                for chunk in iter(lambda: response.read(_CHUNK_BYTES), b""):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    bar.update(len(chunk))
-    except (urllib.error.URLError, TimeoutError, ConnectionError, HTTPException) as e:
-        raise DataError(f"downloading {url} failed ({_network_reason(e)}); {_HOW_TO_PASS}") from e
-    except OSError as e:  # writing the temporary file: disk full, quota, ...
-        raise DataError(f"cannot save the download: {e.strerror or e}; {_HOW_TO_PASS}") from e
-    out.flush()
-    os.fsync(out.fileno())
-    return digest.hexdigest()
-
-
-def _network_reason(error: Exception) -> str:
-    """A short cause: 'HTTP Error 404: Not Found', 'Name or service not known', or the error's type."""
-    if isinstance(error, urllib.error.HTTPError):
-        return str(error)
-    return str(getattr(error, "reason", None) or error) or type(error).__name__
+        return download_verified(url, Path(dest), sha256, label="EmoBank", hint=_HOW_TO_PASS)
+    except DownloadError as exc:
+        raise DataError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------- parsing and checking

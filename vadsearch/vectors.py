@@ -5,15 +5,69 @@ from __future__ import annotations
 import functools
 import gzip
 import logging
+import os
+import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from vadsearch.data import cache_dir
+from vadsearch.download import DownloadError, download_verified
 from vadsearch.encoding import Vocabulary
 from vadsearch.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+GLOVE_6B_URL = "https://nlp.stanford.edu/data/glove.6B.zip"
+GLOVE_6B_SHA256 = "617afb2fe6cbd085c235baf7a465b96f4112bd7f7ccb2b2cbd649fed9cbcf2fb"  # 862,182,613 bytes
+# Named vector sets a study file may give as `vectors`: name → (archive URL, its sha256, member).
+NAMED_VECTORS = {
+    f"glove.6B.{dim}d": (GLOVE_6B_URL, GLOVE_6B_SHA256, f"glove.6B.{dim}d.txt") for dim in (50, 100, 200, 300)
+}
+
+
+def resolve_vectors(name_or_path: str, *, download: bool = True) -> Path:
+    """A vector file on disk: the path itself, or a named set from the cache (downloaded once).
+
+    The name, not the path, is what a study records, so workers on machines with different cache
+    locations share checkpoints and results.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    if name_or_path not in NAMED_VECTORS:
+        known = ", ".join(NAMED_VECTORS)
+        raise ConfigError(f"word vectors {name_or_path!r} are neither a file nor a known name ({known})")
+    url, sha256, member = NAMED_VECTORS[name_or_path]
+    folder = cache_dir() / "vectors"
+    extracted = folder / member
+    if extracted.is_file():
+        return extracted
+    hint = "download the vectors yourself and pass their path as `vectors` (--vectors PATH)"
+    archive = folder / Path(url).name
+    if not archive.is_file():
+        if not download:
+            raise ConfigError(f"word vectors {name_or_path} are not in the cache ({folder}); {hint}")
+        try:
+            download_verified(url, archive, sha256, label=archive.name, hint=hint)
+        except DownloadError as exc:
+            raise ConfigError(f"word vectors {name_or_path} unavailable: {exc}") from None
+    _extract(archive, member, extracted)
+    return extracted
+
+
+def _extract(archive: Path, member: str, dest: Path) -> None:
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    try:
+        with zipfile.ZipFile(archive) as zf, zf.open(member) as src, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out, 1024 * 1024)
+        os.replace(tmp, dest)
+    except (OSError, zipfile.BadZipFile, KeyError) as exc:
+        raise ConfigError(f"cannot extract {member} from {archive}: {exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -29,11 +83,9 @@ def _open_text(path: Path):
     return path.open(encoding="utf-8", errors="replace")
 
 
-def load_vectors(path: str | Path, vocab: Vocabulary, seed: int = 0) -> Embeddings:
+def load_vectors(name_or_path: str | Path, vocab: Vocabulary, seed: int = 0) -> Embeddings:
     """Memoised per process: a grid runs many trials on the same file and vocabulary."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"word-vector file not found: {path}")
+    path = resolve_vectors(str(name_or_path))
     stat = path.stat()
     return _load_vectors(str(path.resolve()), stat.st_mtime_ns, stat.st_size, vocab, seed)
 

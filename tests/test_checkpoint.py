@@ -1,0 +1,312 @@
+"""Epoch checkpoints: atomic writes, rotation, and verification before a run resumes from them."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vadsearch import checkpoint
+from vadsearch.checkpoint import RunDirectory
+from vadsearch.errors import CheckpointError
+from vadsearch.seeding import capture_rng, restore_rng
+
+FP, SHA = "fingerprint-a", "data-a"
+
+
+def _state(epoch: int, best_epoch: int, fingerprint: str = FP, data_sha256: str = SHA) -> dict:
+    return {
+        "fingerprint": fingerprint,
+        "data_sha256": data_sha256,
+        "epoch": epoch,
+        "best_epoch": best_epoch,
+        "model": {"w": torch.full((4,), float(epoch))},
+        "history": [{"epoch": e, "dev": float(10 - e)} for e in range(1, epoch + 1)],
+        "rng": capture_rng(),
+    }
+
+
+def _weights(epoch: int) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((4,), 100.0 + epoch)}
+
+
+def _run(run: RunDirectory, improved: list[bool], fingerprint: str = FP, data_sha256: str = SHA) -> None:
+    """Save epochs 1..len(improved) as train() does: best weights on an improvement."""
+    best = 0
+    for epoch, better in enumerate(improved, start=1):
+        previous_best = best
+        if better or best == 0:
+            best = epoch
+        run.save(_state(epoch, best, fingerprint, data_sha256), _weights(epoch) if best == epoch else None, previous_best)
+
+
+def _names(path: Path) -> set[str]:
+    return {p.name for p in path.iterdir()}
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    run = RunDirectory(tmp_path / "run")  # created on the first save
+    assert run.load(FP, SHA) is None
+    state = _state(1, 1)
+    run.save(state, _weights(1), previous_best=0)
+    loaded = run.load(FP, SHA)
+    assert loaded is not None
+    assert loaded["epoch"] == 1 and loaded["best_epoch"] == 1 and loaded["history"] == state["history"]
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
+    assert torch.equal(loaded["best_model"]["w"], _weights(1)["w"])
+    assert torch.equal(run.best_model(1)["w"], _weights(1)["w"])
+    assert loaded["format"] == checkpoint.FORMAT
+
+
+def test_rng_state_survives_a_weights_only_round_trip(tmp_path: Path) -> None:
+    run = RunDirectory(tmp_path)
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    run.save(_state(1, 1), _weights(1), 0)  # captures the RNG state now
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    restore_rng(run.load(FP, SHA)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_newest_checkpoint_wins(tmp_path: Path) -> None:
+    run = RunDirectory(tmp_path)
+    _run(run, [True, False, True])
+    loaded = run.load(FP, SHA)
+    assert loaded["epoch"] == 3 and loaded["best_epoch"] == 3
+    assert torch.equal(loaded["best_model"]["w"], _weights(3)["w"])
+
+
+def test_rotation_keeps_two_epochs_and_the_best_weights_they_name(tmp_path: Path) -> None:
+    run = RunDirectory(tmp_path)
+    _run(run, [True, False])
+    assert _names(tmp_path) == {"epoch-0001.pt", "epoch-0002.pt", "best-0001.pt"}
+    _run(run, [True, False, True])  # epoch 3 improves: epoch-0002 still names best-0001
+    assert _names(tmp_path) == {"epoch-0002.pt", "epoch-0003.pt", "best-0001.pt", "best-0003.pt"}
+    _run(run, [True, False, True, False, False])
+    assert _names(tmp_path) == {"epoch-0004.pt", "epoch-0005.pt", "best-0003.pt"}
+    _run(run, [True, False, True, False, False, True, True])
+    assert _names(tmp_path) == {"epoch-0006.pt", "epoch-0007.pt", "best-0006.pt", "best-0007.pt"}
+
+
+def test_every_kept_epoch_can_be_loaded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The fallback is real: remove the newest and the one before must load with its own best weights.
+    run = RunDirectory(tmp_path)
+    _run(run, [True, False, True, True, False])
+    (tmp_path / "epoch-0005.pt").unlink()
+    loaded = run.load(FP, SHA)
+    assert loaded["epoch"] == 4 and torch.equal(loaded["best_model"]["w"], _weights(4)["w"])
+    assert not _warnings(caplog)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _random_bytes(path: Path) -> None:
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _other_fingerprint(path: Path) -> None:
+    torch.save({**_state(3, 3, fingerprint="fingerprint-b"), "format": checkpoint.FORMAT}, path)
+
+
+def _other_data(path: Path) -> None:
+    torch.save({**_state(3, 3, data_sha256="data-b"), "format": checkpoint.FORMAT}, path)
+
+
+def _not_a_checkpoint(path: Path) -> None:
+    torch.save({"weights": torch.zeros(2)}, path)
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (_truncate, "unreadable"),
+        (_random_bytes, "unreadable"),
+        (_empty, "unreadable"),
+        (_other_fingerprint, "another configuration"),
+        (_other_data, "other data"),
+        (_not_a_checkpoint, "not a vadsearch checkpoint"),
+    ],
+)
+def test_bad_newest_checkpoint_falls_back_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage, problem: str
+) -> None:
+    run = RunDirectory(tmp_path)
+    _run(run, [True, True, True])
+    damage(tmp_path / "epoch-0003.pt")
+    caplog.set_level(logging.WARNING)
+    loaded = run.load(FP, SHA)
+    assert loaded is not None and loaded["epoch"] == 2
+    assert torch.equal(loaded["best_model"]["w"], _weights(2)["w"])
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1
+    assert "epoch-0003.pt" in warnings[0].getMessage() and problem in warnings[0].getMessage()
+    assert "epoch-0003.pt.rejected" in _names(tmp_path) and "epoch-0003.pt" not in _names(tmp_path)
+    # Reported once: the next load sees only the good checkpoint, silently.
+    caplog.clear()
+    assert run.load(FP, SHA)["epoch"] == 2
+    assert not _warnings(caplog)
+
+
+@pytest.mark.parametrize("damage", [_truncate, _other_fingerprint, _other_data])
+def test_only_checkpoint_bad_gives_none(tmp_path: Path, caplog: pytest.LogCaptureFixture, damage) -> None:
+    run = RunDirectory(tmp_path)
+    _run(run, [True])
+    damage(tmp_path / "epoch-0001.pt")
+    caplog.set_level(logging.WARNING)
+    assert run.load(FP, SHA) is None
+    assert len(_warnings(caplog)) == 1
+    assert "epoch-0001.pt.rejected" in _names(tmp_path)
+
+
+def test_a_run_of_another_configuration_is_not_resumed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run = RunDirectory(tmp_path)
+    _run(run, [True, True])
+    caplog.set_level(logging.WARNING)
+    assert run.load("fingerprint-b", SHA) is None
+    assert len(_warnings(caplog)) == 2  # one per checkpoint, each rejected once
+    assert run.load(FP, SHA) is None  # renamed: they are no longer candidates for anyone
+
+
+def test_missing_best_weights_falls_back(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run = RunDirectory(tmp_path)
+    _run(run, [True, True])
+    (tmp_path / "best-0002.pt").unlink()
+    caplog.set_level(logging.WARNING)
+    assert run.load(FP, SHA)["epoch"] == 1
+    assert len(_warnings(caplog)) == 1
+
+
+def test_best_weights_of_another_run_are_rejected(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run = RunDirectory(tmp_path)
+    _run(run, [True, True])
+    torch.save({"format": 1, "epoch": 2, "fingerprint": "fingerprint-b", "model": _weights(2)}, tmp_path / "best-0002.pt")
+    caplog.set_level(logging.WARNING)
+    assert run.load(FP, SHA)["epoch"] == 1
+    assert "best weights belong to another run" in caplog.text
+
+
+def test_unrelated_files_are_ignored(tmp_path: Path) -> None:
+    run = RunDirectory(tmp_path)
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "epoch-12.pt").write_text("too few digits: not ours")
+    _run(run, [True])
+    assert run.load(FP, SHA)["epoch"] == 1
+    assert {"notes.txt", "epoch-12.pt"} <= _names(tmp_path)
+
+
+def test_epoch_numbers_sort_numerically(tmp_path: Path) -> None:
+    run = RunDirectory(tmp_path)
+    run.save(_state(9999, 9999), _weights(9999), 0)
+    run.save(_state(10000, 10000), _weights(10000), 9999)  # five digits
+    assert run.load(FP, SHA)["epoch"] == 10000
+
+
+# ------------------------------------------------------------------------------------- write failures
+
+
+def _no_temp_files(path: Path) -> bool:
+    return not [name for name in _names(path) if name.endswith(".tmp") or name.startswith(".")]
+
+
+def test_read_only_directory(tmp_path: Path) -> None:
+    run = RunDirectory(tmp_path / "run")
+    _run(run, [True])
+    run.path.chmod(0o500)
+    try:
+        if os.access(run.path, os.W_OK):
+            pytest.skip("running as root: a read-only mode does not stop writes")
+        with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*epoch-0002\.pt: Permission denied"):
+            run.save(_state(2, 1), None, 1)
+        assert _no_temp_files(run.path)
+    finally:
+        run.path.chmod(0o700)
+    assert run.load(FP, SHA)["epoch"] == 1
+
+
+def test_directory_that_cannot_be_created(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the run directory should be")
+    with pytest.raises(CheckpointError, match="cannot create checkpoint directory"):
+        RunDirectory(blocker / "run").save(_state(1, 1), _weights(1), 0)
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("where", ["torch.save", "os.fsync", "os.replace"])
+def test_disk_full_is_a_checkpoint_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    run = RunDirectory(tmp_path)
+    _run(run, [True])
+    module, name = where.split(".")
+    monkeypatch.setattr(getattr(checkpoint, module), name, _disk_full)
+    with pytest.raises(CheckpointError) as info:
+        run.save(_state(2, 2), _weights(2), 1)
+    monkeypatch.undo()
+    message = str(info.value)
+    assert "No space left on device" in message and "free disk space" in message
+    assert "best-0002.pt" in message  # the best weights are written first
+    assert _no_temp_files(tmp_path)
+    # The previous checkpoint is untouched and still resumes.
+    assert run.load(FP, SHA)["epoch"] == 1
+    assert _names(tmp_path) == {"epoch-0001.pt", "best-0001.pt"}
+
+
+def test_torch_save_failure_is_chained_into_one_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch, "save", _disk_full)
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.atomic_save({"a": 1}, tmp_path / "x.pt")
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # `from None`: one clean line
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------ security
+
+
+class _Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_rejected_without_running_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = RunDirectory(tmp_path / "run")
+    _run(run, [True])
+    marker = tmp_path / "pwned"
+    state = {**_state(2, 1), "format": checkpoint.FORMAT, "payload": _Exploit(marker)}
+    torch.save(state, run.path / "epoch-0002.pt")
+    assert not marker.exists()  # saving alone runs nothing
+    caplog.set_level(logging.WARNING)
+    assert run.load(FP, SHA)["epoch"] == 1
+    assert not marker.exists()
+    assert len(_warnings(caplog)) == 1 and "unreadable" in caplog.text
+
+
+def test_best_weights_that_would_run_code_never_run(tmp_path: Path) -> None:
+    run = RunDirectory(tmp_path)
+    marker = tmp_path / "pwned"
+    torch.save({"model": _Exploit(marker)}, tmp_path / "best-0001.pt")
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        run.best_model(1)
+    assert not marker.exists()

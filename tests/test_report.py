@@ -1,0 +1,232 @@
+"""Reports read what workers store: studies built here by hand with Optuna, no training."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState
+
+from vadsearch import report
+from vadsearch.errors import ConfigError, StorageError
+
+DISTRIBUTIONS = {
+    "lr": CategoricalDistribution([1e-4, 1e-3, 1e-2]),
+    "dropout": FloatDistribution(0.0, 0.5),
+}
+
+
+def scores(mse: float, r: float, n: int = 1000) -> dict[str, Any]:
+    """A `Scores.as_dict` with per-dimension MSEs spread around `mse` (their mean is `mse`)."""
+    return {"mse": mse, "mse_v": mse - 0.01, "mse_a": mse, "mse_d": mse + 0.01,
+            "r_v": r, "r_a": r - 0.1, "r_d": r - 0.2, "n": n}
+
+
+def make_study(storage: optuna.storages.BaseStorage, name: str, model: str, max_trials: int) -> optuna.Study:
+    study = optuna.create_study(study_name=name, storage=storage, direction="minimize")
+    study.set_user_attr("vadsearch", {"name": name, "sampler": "grid", "description": f"{model} grid",
+                                      "max_trials": max_trials, "base": {"model": model, "max_epochs": 9}})
+    return study
+
+
+def add_complete(study: optuna.Study, params: dict[str, Any], dev_mse: float, test_mse: float,
+                 best_epoch: int, **extra: Any) -> None:
+    distributions = {k: DISTRIBUTIONS[k] for k in params}
+    point = json.dumps(params, sort_keys=True)
+    study.add_trial(optuna.create_trial(
+        state=TrialState.COMPLETE,
+        value=dev_mse,
+        params=params,
+        distributions=distributions,
+        intermediate_values={epoch: dev_mse + 0.1 * (best_epoch - epoch) ** 2 for epoch in range(1, 4)},
+        user_attrs={
+            "point": point, "worker": "host:1", "config": {"lr": params.get("lr"), "model": "lstm"},
+            "checkpoint_dir": f"/ckpt/{point}", "epochs_done": 3, "best_epoch": best_epoch,
+            "dev": scores(dev_mse, 0.5), "test": scores(test_mse, 0.4), "trainable_params": 10,
+            "total_params": 10, "seconds": 12.5, "resumed_from": 0, **extra,
+        },
+    ))
+
+
+@pytest.fixture()
+def storage(tmp_path: Path) -> optuna.storages.RDBStorage:
+    return optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/s.db")
+
+
+@pytest.fixture()
+def lstm(storage: optuna.storages.RDBStorage) -> optuna.Study:
+    """Trials 0-2 complete (1 best), 3 failed, 4 an orphan that would win if counted, 5 running."""
+    study = make_study(storage, "lstm", "lstm", max_trials=6)
+    add_complete(study, {"lr": 1e-3, "dropout": 0.1}, dev_mse=0.30, test_mse=0.33, best_epoch=2)
+    add_complete(study, {"lr": 1e-4, "dropout": 0.2}, dev_mse=0.10, test_mse=0.12, best_epoch=3)
+    add_complete(study, {"lr": 1e-2, "dropout": 0.3}, dev_mse=0.20, test_mse=0.05, best_epoch=1)
+    study.add_trial(optuna.create_trial(
+        state=TrialState.FAIL, params={"lr": 1e-2, "dropout": 0.0}, distributions=DISTRIBUTIONS,
+        user_attrs={"point": "p", "worker": "host:2", "epochs_done": 1, "fail_reason": "loss diverged to NaN"},
+    ))
+    add_complete(study, {"lr": 1e-3, "dropout": 0.4}, dev_mse=0.01, test_mse=0.01, best_epoch=1,
+                 orphan=True)
+    running = study.ask({"lr": DISTRIBUTIONS["lr"]})
+    running.set_user_attr("worker", "host:3")
+    running.set_user_attr("epochs_done", 2)
+    storage.record_heartbeat(running._trial_id)
+    return study
+
+
+@pytest.fixture()
+def baseline(storage: optuna.storages.RDBStorage) -> optuna.Study:
+    study = make_study(storage, "baseline", "baseline", max_trials=1)
+    add_complete(study, {}, dev_mse=0.80, test_mse=0.82, best_epoch=0)
+    return study
+
+
+def test_trials_frame_has_every_trial_but_orphans(lstm: optuna.Study) -> None:
+    frame = report.trials_frame(lstm)
+    assert list(frame["number"]) == [0, 1, 2, 3, 5]
+    assert list(frame["state"]) == ["COMPLETE", "COMPLETE", "COMPLETE", "FAIL", "RUNNING"]
+    assert {"param.lr", "param.dropout", "point", "worker", "seconds", "dev_r_v"} <= set(frame.columns)
+    assert frame.loc[frame["state"] == "FAIL", "fail_reason"].item() == "loss diverged to NaN"
+    assert frame["dev_mse"].iloc[:3].tolist() == pytest.approx([0.30, 0.10, 0.20])
+    assert pd.isna(frame["best_epoch"].iloc[-1])  # missing on a running trial, not an error
+    assert not any(c.startswith("test") for c in frame.columns)  # model selection sees dev only
+
+
+def test_leaderboard_ranks_complete_trials_by_dev(lstm: optuna.Study) -> None:
+    board = report.leaderboard(lstm)
+    assert list(board["rank"]) == [1, 2, 3]
+    assert list(board["trial"]) == [1, 2, 0]  # the orphan (dev 0.01) and unfinished trials are left out
+    assert board["dev_mse"].tolist() == pytest.approx([0.10, 0.20, 0.30])
+    first = board.iloc[0]
+    assert (first["param.lr"], first["param.dropout"], first["best_epoch"]) == (1e-4, 0.2, 3)
+    assert [first["dev_mse_v"], first["dev_mse_a"], first["dev_mse_d"]] == pytest.approx([0.09, 0.10, 0.11])
+    assert [first["dev_r_v"], first["dev_r_a"], first["dev_r_d"]] == pytest.approx([0.5, 0.4, 0.3])
+    assert list(report.leaderboard(lstm, top=2)["trial"]) == [1, 2]
+    with pytest.raises(ConfigError, match="top"):
+        report.leaderboard(lstm, top=0)
+
+
+def test_best_picks_lowest_dev_and_reports_its_test_only(lstm: optuna.Study) -> None:
+    record = report.best(lstm)
+    json.dumps(record, allow_nan=False)
+    assert record["study"] == "lstm" and record["trial"] == 1  # trial 2 has the better test: not chosen
+    assert record["params"] == {"lr": 1e-4, "dropout": 0.2}
+    assert record["best_epoch"] == 3
+    assert record["dev"]["mse"] == pytest.approx(0.10)
+    assert record["test"]["mse"] == pytest.approx(0.12)
+    assert record["checkpoint_dir"].startswith("/ckpt/")
+    assert record["config"]["model"] == "lstm"
+
+
+def test_best_of_study_without_finished_trial(storage: optuna.storages.RDBStorage) -> None:
+    study = make_study(storage, "empty", "bert", max_trials=6)
+    study.ask()
+    with pytest.raises(StorageError, match="no finished trial in study 'empty' yet"):
+        report.best(study)
+    assert report.leaderboard(study).empty
+
+
+def test_compare_has_one_row_per_study_in_order(baseline: optuna.Study, lstm: optuna.Study) -> None:
+    table = report.compare([baseline, lstm])
+    assert list(table["study"]) == ["baseline", "lstm"]
+    assert list(table["model"]) == ["baseline", "lstm"]
+    assert list(table["complete"]) == [1, 3]
+    assert list(table["trials"]) == [1, 5]
+    assert list(table["best_trial"]) == [0, 1]
+    assert table["dev_mse"].tolist() == pytest.approx([0.80, 0.10])
+    assert table["test_mse"].tolist() == pytest.approx([0.82, 0.12])
+    assert table["test_r_d"].tolist() == pytest.approx([0.2, 0.2])
+
+
+def test_status_counts_states_without_orphans(
+    storage: optuna.storages.RDBStorage, baseline: optuna.Study, lstm: optuna.Study
+) -> None:
+    lstm.enqueue_trial({"lr": 1e-2, "dropout": 0.25})
+    rows = {row["name"]: row for row in report.status(storage)}
+    assert list(rows) == ["baseline", "lstm"]
+    row = rows["lstm"]
+    assert (row["trials"], row["complete"], row["running"], row["waiting"], row["fail"], row["pruned"]) == (
+        6, 3, 1, 1, 1, 0)
+    assert (row["model"], row["sampler"], row["max_trials"]) == ("lstm", "grid", 6)
+    [running] = row["running_trials"]
+    assert (running["number"], running["worker"], running["epochs_done"]) == (5, "host:3", 2)
+    assert 0 <= running["heartbeat_age_s"] < 60
+    assert rows["baseline"]["complete"] == 1 and rows["baseline"]["running_trials"] == []
+    json.dumps(list(rows.values()), allow_nan=False)
+
+
+def test_running_trial_without_heartbeat_has_no_age(storage: optuna.storages.RDBStorage) -> None:
+    make_study(storage, "quiet", "lstm", max_trials=2).ask()
+    [row] = report.status(storage)
+    assert row["running_trials"][0]["heartbeat_age_s"] is None
+
+
+def test_unknown_study_names_the_ones_there(storage: optuna.storages.RDBStorage, lstm: optuna.Study,
+                                             baseline: optuna.Study) -> None:
+    assert report.list_studies(storage) == ["baseline", "lstm"]
+    assert report.load(storage, "lstm").study_name == "lstm"
+    with pytest.raises(StorageError) as caught:
+        report.load(storage, "bert", where="sqlite:///s.db")
+    message = str(caught.value)
+    assert message == "no study named 'bert' in sqlite:///s.db; studies: baseline, lstm"
+    assert "\n" not in message
+
+
+def test_every_format_parses_back(lstm: optuna.Study) -> None:
+    board = report.leaderboard(lstm)
+    records = json.loads(report.render(board, "json"))
+    assert [r["trial"] for r in records] == [1, 2, 0]
+    assert records[0]["dev_mse"] == pytest.approx(0.10)
+
+    frame = report.trials_frame(lstm)  # NaN and missing values in it
+    as_json = json.loads(report.render(frame, "json"))
+    assert as_json[-1]["best_epoch"] is None and as_json[-1]["dev_mse"] is None
+
+    back = pd.read_csv(io.StringIO(report.render(board, "csv")))
+    assert list(back.columns) == list(board.columns)
+    assert back["dev_mse"].tolist() == pytest.approx(board["dev_mse"].tolist())
+
+    markdown = report.render(board, "markdown").splitlines()
+    assert markdown[0].startswith("| rank") and "dev_mse" in markdown[0]
+    assert set(markdown[1]) <= set("|-: ")
+    assert len(markdown) == 2 + len(board)
+    assert "0.1000" in markdown[2] and "0.0001" in markdown[2]  # scores: 4 decimals; lr: as set
+
+    table = report.render(board, "table").splitlines()
+    assert table[0].split()[:2] == ["rank", "trial"] and len(table) == 2 + len(board)
+
+
+def test_render_best_record_and_status(lstm: optuna.Study, storage: optuna.storages.RDBStorage) -> None:
+    record = report.best(lstm)
+    assert json.loads(report.render(record, "json")) == record
+    [row] = pd.read_csv(io.StringIO(report.render(record, "csv"))).to_dict(orient="records")
+    assert row["trial"] == 1 and row["test.mse"] == pytest.approx(0.12)
+    markdown = report.render(record, "markdown")
+    assert markdown.startswith("| field") and "| dev.mse" in markdown and "| 0.0001 " in markdown
+    assert "test.r_v" in report.render(record, "table")
+
+    rows = report.status(storage)
+    assert json.loads(report.render(rows, "json"))[0]["name"] == "lstm"
+    assert pd.read_csv(io.StringIO(report.render(rows, "csv")))["complete"].tolist() == [3]
+    assert "lstm" in report.render(rows, "table")
+
+
+def test_unknown_format_is_a_config_error(lstm: optuna.Study) -> None:
+    with pytest.raises(ConfigError, match="table, markdown, csv, json"):
+        report.render(report.leaderboard(lstm), "xlsx")
+
+
+def test_empty_frames_render(storage: optuna.storages.RDBStorage) -> None:
+    study = make_study(storage, "new", "bert", max_trials=6)
+    for fmt in report.FORMATS:
+        assert report.render(report.leaderboard(study), fmt)
+    assert json.loads(report.render(report.trials_frame(study), "json")) == []
+    [row] = report.compare([study]).to_dict(orient="records")
+    assert (row["complete"], row["trials"]) == (0, 0)
+    assert pd.isna(row["best_trial"]) and math.isnan(row["dev_mse"]) and math.isnan(row["test_mse"])

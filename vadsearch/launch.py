@@ -1,0 +1,84 @@
+"""`vadsearch launch`: N worker processes on this machine, spread over its GPUs, with one progress bar.
+
+The workers are ordinary `vadsearch worker` processes: they coordinate through the study's storage
+alone, exactly as workers on other machines do. This module only starts them, shows their combined
+progress from the storage, and passes Ctrl-C on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vadsearch.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    study_file: Path
+    workers: int
+    gpus: tuple[str, ...] = ()
+    worker_args: tuple[str, ...] = ()  # passed on to every `vadsearch worker`
+    log_dir: Path = Path("vadsearch-logs")
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "vadsearch.cli", "worker", str(self.study_file), "--quiet", *self.worker_args]
+
+    def environment(self, index: int) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus[index % len(self.gpus)]  # round-robin over the GPUs
+        return env
+
+
+def parse_gpus(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return ()
+    gpus = tuple(g.strip() for g in text.split(",") if g.strip())
+    if not all(g.isdigit() for g in gpus):
+        raise ConfigError(f"--gpus takes GPU indices separated by commas, like 0,1,2; got {text!r}")
+    return gpus
+
+
+def start(plan: LaunchPlan) -> list[subprocess.Popen]:
+    plan.log_dir.mkdir(parents=True, exist_ok=True)
+    processes = []
+    for index in range(plan.workers):
+        log_file = open(plan.log_dir / f"worker-{index}.log", "ab")
+        processes.append(subprocess.Popen(plan.command(), env=plan.environment(index), stdout=log_file,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+        log_file.close()  # the child holds its own descriptor
+    return processes
+
+
+def wait(processes: list[subprocess.Popen], on_tick=None, tick: float = 1.0) -> list[int]:
+    """Wait for every worker, calling `on_tick()` about once a `tick`; Ctrl-C is passed to the workers,
+    which leave their running trials resumable."""
+    try:
+        while any(p.poll() is None for p in processes):
+            if on_tick:
+                on_tick()
+            time.sleep(tick)
+    except KeyboardInterrupt:
+        for p in processes:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in processes:
+            p.wait()
+        raise
+    finally:
+        if on_tick:
+            on_tick()
+    return [p.returncode for p in processes]

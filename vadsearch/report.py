@@ -1,0 +1,395 @@
+"""Trials → pandas tables: a study's leaderboard and best trial, the comparison across studies, status.
+
+Reads only what workers store (see the study and trial user attributes below); never writes. Model
+selection uses the dev split alone: a test score is shown only for a study's best trial.
+
+What a worker stores, and what this module reads:
+- study user attr `vadsearch`: `name`, `sampler`, `description`, `max_trials`, `base` (with `model`);
+- objective value: dev MSE of the trial's best epoch (lower is better);
+- trial user attrs: `point`, `worker`, `config`, `checkpoint_dir`, `epochs_done`, `best_epoch`,
+  `dev` / `test` (`Scores.as_dict`), `seconds`, `fail_reason`, and `orphan` on junk trials that a race
+  between workers created. Orphans are left out of every table and count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+from vadsearch.errors import ConfigError, StorageError
+
+FORMATS = ("table", "markdown", "csv", "json")
+STATES = ("COMPLETE", "RUNNING", "WAITING", "FAIL", "PRUNED")
+PARAM_PREFIX = "param."
+DIMENSIONS = ("v", "a", "d")  # valence, arousal, dominance
+
+# Columns that hold counts or trial numbers: nullable integers, so a missing value is not shown as 3.0000.
+_INT_COLUMNS = ("number", "rank", "trial", "epochs_done", "best_epoch", "best_trial", "complete", "trials")
+
+
+# Loading.
+
+
+def list_studies(storage: optuna.storages.BaseStorage | str) -> list[str]:
+    """Names of every study in the storage, sorted."""
+    return sorted(optuna.get_all_study_names(storage))
+
+
+def load(storage: optuna.storages.BaseStorage | str, name: str, where: str = "the storage") -> optuna.Study:
+    """The study called `name`. `where` names the storage in the error (a masked URL, never a password)."""
+    names = list_studies(storage)
+    if name not in names:
+        existing = ", ".join(names) if names else "none yet (start one with `vadsearch worker STUDY_FILE`)"
+        raise StorageError(f"no study named {name!r} in {where}; studies: {existing}")
+    return _open(storage, name)
+
+
+def _open(storage: optuna.storages.BaseStorage | str, name: str) -> optuna.Study:
+    # A read-only look needs no TPE: the random sampler is the cheapest one to build.
+    return optuna.load_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler())
+
+
+def _spec(study: optuna.Study) -> dict[str, Any]:
+    """The study's `vadsearch` user attr; empty for a study some other tool created."""
+    spec = study.user_attrs.get("vadsearch")
+    return spec if isinstance(spec, dict) else {}
+
+
+def _model(spec: Mapping[str, Any]) -> str | None:
+    base = spec.get("base")
+    return base.get("model") if isinstance(base, Mapping) else None
+
+
+def _is_orphan(trial: FrozenTrial) -> bool:
+    return bool(trial.user_attrs.get("orphan"))
+
+
+def _trials(study: optuna.Study, states: Sequence[TrialState] | None = None) -> list[FrozenTrial]:
+    """The study's trials in number order, orphans left out."""
+    trials = study.get_trials(deepcopy=False, states=tuple(states) if states is not None else None)
+    return sorted((t for t in trials if not _is_orphan(t)), key=lambda t: t.number)
+
+
+def _complete_by_dev(study: optuna.Study) -> list[FrozenTrial]:
+    """COMPLETE trials, best dev MSE first; ties go to the earlier trial."""
+    complete = [t for t in _trials(study, (TrialState.COMPLETE,)) if t.value is not None]
+    return sorted(complete, key=lambda t: (_nan_last(t.value), t.number))
+
+
+def _nan_last(value: float) -> float:
+    return math.inf if math.isnan(value) else value
+
+
+# One study.
+
+
+def _param_names(trials: Iterable[FrozenTrial]) -> list[str]:
+    return sorted({name for t in trials for name in t.params})
+
+
+def _score(scores: Mapping[str, Any] | None, key: str) -> float:
+    """One number from a `Scores.as_dict` dict; nan where the dict or the key is missing or None."""
+    if not isinstance(scores, Mapping) or scores.get(key) is None:
+        return math.nan
+    return float(scores[key])
+
+
+def _dev_mse(trial: FrozenTrial) -> float:
+    """The objective value where the trial has one, else the dev MSE a running trial reported so far."""
+    if trial.value is not None:
+        return float(trial.value)
+    return _score(trial.user_attrs.get("dev"), "mse")
+
+
+def _frame(records: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
+    frame = pd.DataFrame.from_records(records, columns=columns)
+    for column in _INT_COLUMNS:
+        if column in frame.columns:
+            frame[column] = frame[column].astype("Int64")
+    return frame
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """Every trial but orphans, one row each, in number order; params as `param.NAME` columns."""
+    trials = _trials(study)
+    params = _param_names(trials)
+    columns = ["number", "state", "point", *(PARAM_PREFIX + p for p in params), "epochs_done", "best_epoch",
+               "dev_mse", *(f"dev_r_{d}" for d in DIMENSIONS), "worker", "seconds", "fail_reason"]
+    records = []
+    for t in trials:
+        attrs = t.user_attrs
+        dev = attrs.get("dev")
+        records.append({
+            "number": t.number,
+            "state": t.state.name,
+            "point": attrs.get("point"),
+            **{PARAM_PREFIX + p: t.params.get(p) for p in params},
+            "epochs_done": attrs.get("epochs_done"),
+            "best_epoch": attrs.get("best_epoch"),
+            "dev_mse": _dev_mse(t),
+            **{f"dev_r_{d}": _score(dev, f"r_{d}") for d in DIMENSIONS},
+            "worker": attrs.get("worker"),
+            "seconds": attrs.get("seconds"),
+            "fail_reason": attrs.get("fail_reason"),
+        })
+    return _frame(records, columns)
+
+
+def leaderboard(study: optuna.Study, top: int | None = None) -> pd.DataFrame:
+    """COMPLETE trials ranked by dev MSE (rank 1 is best); `top` keeps the first rows only."""
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
+        raise ConfigError(f"top must be a positive number of rows; got {top!r}")
+    ranked = _complete_by_dev(study)[:top]
+    params = _param_names(_trials(study, (TrialState.COMPLETE,)))
+    columns = ["rank", "trial", *(PARAM_PREFIX + p for p in params), "best_epoch", "dev_mse",
+               *(f"dev_mse_{d}" for d in DIMENSIONS), *(f"dev_r_{d}" for d in DIMENSIONS)]
+    records = []
+    for rank, t in enumerate(ranked, start=1):
+        dev = t.user_attrs.get("dev")
+        records.append({
+            "rank": rank,
+            "trial": t.number,
+            **{PARAM_PREFIX + p: t.params.get(p) for p in params},
+            "best_epoch": t.user_attrs.get("best_epoch"),
+            "dev_mse": float(t.value),
+            **{f"dev_mse_{d}": _score(dev, f"mse_{d}") for d in DIMENSIONS},
+            **{f"dev_r_{d}": _score(dev, f"r_{d}") for d in DIMENSIONS},
+        })
+    return _frame(records, columns)
+
+
+def best(study: optuna.Study) -> dict[str, Any]:
+    """The study's best trial by dev MSE, JSON-able, with its test score (the only test score reported)."""
+    ranked = _complete_by_dev(study)
+    if not ranked:
+        raise StorageError(f"no finished trial in study {study.study_name!r} yet")
+    trial = ranked[0]
+    attrs = trial.user_attrs
+    return {
+        "study": study.study_name,
+        "trial": trial.number,
+        "params": dict(trial.params),
+        "best_epoch": attrs.get("best_epoch"),
+        "dev": attrs.get("dev"),
+        "test": attrs.get("test"),
+        "config": attrs.get("config"),
+        "checkpoint_dir": attrs.get("checkpoint_dir"),
+    }
+
+
+# Several studies.
+
+
+def compare(studies: Sequence[optuna.Study]) -> pd.DataFrame:
+    """One row per study, in the order given: the dev and test scores of each study's best trial."""
+    columns = ["study", "model", "complete", "trials", "best_trial", "dev_mse", "test_mse",
+               *(f"dev_r_{d}" for d in DIMENSIONS), *(f"test_r_{d}" for d in DIMENSIONS)]
+    records = []
+    for study in studies:
+        trials = _trials(study)
+        ranked = _complete_by_dev(study)
+        winner = ranked[0] if ranked else None
+        dev = winner.user_attrs.get("dev") if winner else None
+        test = winner.user_attrs.get("test") if winner else None
+        records.append({
+            "study": study.study_name,
+            "model": _model(_spec(study)),
+            "complete": sum(t.state == TrialState.COMPLETE for t in trials),
+            "trials": len(trials),
+            "best_trial": winner.number if winner else None,
+            "dev_mse": float(winner.value) if winner else math.nan,
+            "test_mse": _score(test, "mse"),
+            **{f"dev_r_{d}": _score(dev, f"r_{d}") for d in DIMENSIONS},
+            **{f"test_r_{d}": _score(test, f"r_{d}") for d in DIMENSIONS},
+        })
+    return _frame(records, columns)
+
+
+def status(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
+    """Per study: trials by state, the planned trial count, and each running trial's epoch and heartbeat age.
+
+    `heartbeat_age_s` is None where the trial has no heartbeat (heartbeats off, or not recorded yet) or the
+    storage is not a database.
+    """
+    ages = _heartbeat_ages(storage)
+    rows = []
+    for name in list_studies(storage):
+        study = _open(storage, name)
+        spec = _spec(study)
+        trials = _trials(study)
+        counts = {state: sum(t.state.name == state for t in trials) for state in STATES}
+        rows.append({
+            "name": name,
+            "model": _model(spec),
+            "sampler": spec.get("sampler"),
+            "trials": len(trials),
+            **{state.lower(): counts[state] for state in STATES},
+            "max_trials": spec.get("max_trials"),
+            "running_trials": [
+                {
+                    "number": t.number,
+                    "worker": t.user_attrs.get("worker"),
+                    "epochs_done": t.user_attrs.get("epochs_done"),
+                    "heartbeat_age_s": ages.get((name, t.number)),
+                }
+                for t in trials
+                if t.state == TrialState.RUNNING
+            ],
+        })
+    return rows
+
+
+def _heartbeat_ages(storage: optuna.storages.BaseStorage) -> dict[tuple[str, int], float]:
+    """Seconds since the last heartbeat of every RUNNING trial that has one, keyed by (study, number)."""
+    import sqlalchemy as sa
+    from optuna.storages._rdb import models
+
+    rdb = getattr(storage, "_backend", storage)  # optuna wraps an RDBStorage in a _CachedStorage
+    engine = getattr(rdb, "engine", None)
+    if engine is None:
+        return {}
+    query = (
+        sa.select(
+            models.StudyModel.study_name, models.TrialModel.number, models.TrialHeartbeatModel.heartbeat
+        )
+        .join(models.TrialModel, models.TrialModel.study_id == models.StudyModel.study_id)
+        .join(models.TrialHeartbeatModel, models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id)
+        .where(models.TrialModel.state == TrialState.RUNNING)
+    )
+    with engine.connect() as connection:
+        # The database's clock, not ours: heartbeats are written with its CURRENT_TIMESTAMP. Optuna drops
+        # the time zone the same way when it looks for stale trials (PostgreSQL returns an aware value):
+        # https://github.com/optuna/optuna/pull/2190#issuecomment-766605088
+        now = connection.execute(sa.select(sa.func.now())).scalar_one().replace(tzinfo=None)
+        rows = connection.execute(query).all()
+    return {(study, number): (now - beat).total_seconds() for study, number, beat in rows}
+
+
+# Output.
+
+
+def render(data: pd.DataFrame | Mapping[str, Any] | Sequence[Mapping[str, Any]], fmt: str) -> str:
+    """A frame, a record (`best`) or a list of records (`status`) as table, markdown, csv or json.
+
+    table and markdown show floats with 4 decimals (parameters and config values in general format, so a
+    learning rate of 2e-05 is not shown as 0.0000); csv keeps full precision; json of a frame is a list
+    of records, with NaN as null. In csv, table and markdown nested values are flattened to dotted names.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == "json":
+        return json.dumps(_jsonable(_records(data)), indent=2, allow_nan=False)
+    if isinstance(data, Mapping) and fmt != "csv":
+        # One record reads best as a column of fields.
+        flat = _flatten(data)
+        frame = pd.DataFrame({"field": list(flat), "value": list(flat.values())}, dtype=object)
+        return _text_table(frame, markdown=fmt == "markdown", general=_general_rows(flat))
+    frame = data if isinstance(data, pd.DataFrame) else pd.DataFrame([_flatten(r) for r in _as_list(data)])
+    if fmt == "csv":
+        return frame.to_csv(index=False)
+    return _text_table(frame, markdown=fmt == "markdown")
+
+
+def _as_list(data: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [data] if isinstance(data, Mapping) else list(data)
+
+
+def _records(data: Any) -> Any:
+    if isinstance(data, pd.DataFrame):
+        return data.astype(object).to_dict(orient="records")
+    return data
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types: NaN and pandas' NA become None, numpy scalars become Python numbers."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalar
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _flatten(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts become dotted keys (`dev.mse`); lists stay whole, shown as JSON."""
+    flat: dict[str, Any] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, name + "."))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = json.dumps(_jsonable(value), separators=(",", ":"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _is_setting(name: str) -> bool:
+    """Hyperparameters and config values: shown in general format, since 4 decimals hide a small lr."""
+    return name.startswith((PARAM_PREFIX, "params.", "config."))
+
+
+def _general_rows(flat: Mapping[str, Any]) -> list[bool]:
+    return [_is_setting(name) for name in flat]
+
+
+def _cell(value: Any, general: bool) -> str:
+    value = _jsonable(value)
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:g}" if general else f"{value:.4f}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _is_number(value: Any) -> bool:
+    value = _jsonable(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _text_table(frame: pd.DataFrame, markdown: bool, general: list[bool] | None = None) -> str:
+    """An aligned plain-text or GitHub-markdown table; numeric columns are right-aligned.
+
+    `general` marks rows (of a field/value table) whose floats use general format; otherwise the columns
+    named like parameters do.
+    """
+    headers = [str(c) for c in frame.columns]
+    cells = []
+    for i, row in enumerate(frame.itertuples(index=False, name=None)):
+        cells.append([
+            _cell(v, general[i] if general is not None else _is_setting(h)) for h, v in zip(headers, row)
+        ])
+    numeric = [
+        bool(len(frame)) and all(_is_number(v) or _jsonable(v) is None for v in frame.iloc[:, j])
+        and any(_is_number(v) for v in frame.iloc[:, j])
+        for j in range(len(headers))
+    ]
+    if markdown:
+        cells = [[c.replace("|", "\\|") for c in row] for row in cells]
+    widths = [max([len(h), 3, *(len(row[j]) for row in cells)]) for j, h in enumerate(headers)]
+
+    def line(values: list[str]) -> str:
+        padded = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
+        return ("| " + " | ".join(padded) + " |") if markdown else "  ".join(padded).rstrip()
+
+    if markdown:
+        dashes = [("-" * (w - 1) + ":") if num else "-" * w for w, num in zip(widths, numeric)]
+        rule = "| " + " | ".join(dashes) + " |"
+    else:
+        rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule, *(line(row) for row in cells)]) + "\n"

@@ -1,0 +1,160 @@
+"""Storage URL → Optuna `RDBStorage`: SQLite by default, PostgreSQL for many workers on many machines.
+
+Everything a study holds stays readable by stock Optuna tools (`optuna trials`, `optuna-dashboard`).
+Passwords never leave this module: every message shows the URL through `mask`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from vadsearch.errors import StorageError
+
+if TYPE_CHECKING:
+    import optuna
+
+DEFAULT_STORAGE = "sqlite:///vadsearch.db"
+SQLITE_BUSY_TIMEOUT_S = 60  # writers queue behind each other instead of failing with "database is locked"
+POOL_RECYCLE_S = 300  # PostgreSQL servers and proxies drop idle connections; replace them before that
+
+
+def storage_url(url: str | None = None) -> str:
+    """`--storage`, else `$VADSEARCH_STORAGE`, else a SQLite file in the working directory."""
+    return url or os.environ.get("VADSEARCH_STORAGE") or DEFAULT_STORAGE
+
+
+def _parse(url: str):
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise StorageError(f"not a database URL: {_mask_text(url)!r}; expected sqlite:///FILE or "
+                           "postgresql+psycopg://USER:PASSWORD@HOST/DB") from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise StorageError(f"unsupported database {parsed.get_backend_name()!r} in {mask(url)}: "
+                           "use sqlite:///FILE or postgresql+psycopg://…")
+    return parsed
+
+
+def mask(url: str) -> str:
+    """The URL with its password replaced by ***."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return _mask_text(url)
+
+
+def _mask_text(text: str) -> str:
+    # For strings SQLAlchemy cannot parse: hide anything between "://user:" and "@".
+    import re
+
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", text)
+
+
+def scrub(message: str, url: str) -> str:
+    """`message` with the URL's password removed wherever a driver quoted it."""
+    try:
+        password = _parse(url).password
+    except StorageError:
+        password = None
+    message = _mask_text(message)
+    return message.replace(password, "***") if password else message
+
+
+def sqlite_path(url: str) -> Path | None:
+    parsed = _parse(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def open_storage(
+    url: str | None = None,
+    *,
+    create: bool = True,
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
+    on_stale: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+) -> optuna.storages.RDBStorage:
+    """Connect to the study store. With `create=False` (reports), a missing SQLite file is an error
+    instead of a new empty database."""
+    url = storage_url(url)
+    path = sqlite_path(url)
+    if path is not None:
+        if not create and not path.is_file():
+            raise StorageError(f"no study database at {path}: run a worker first, or pass --storage")
+        if not path.parent.is_dir():
+            raise StorageError(f"cannot create {path}: directory {path.parent} does not exist")
+        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    else:
+        # pre-ping: a connection that died with a database restart is replaced, not handed out.
+        engine_kwargs = {"pool_pre_ping": True, "pool_recycle": POOL_RECYCLE_S}
+    import warnings
+
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        with warnings.catch_warnings():
+            # Heartbeats are "experimental" in Optuna 5; we depend on them knowingly (see DESIGN.md).
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=on_stale,
+            )
+    except (SQLAlchemyError, ImportError) as exc:
+        raise StorageError(f"cannot open {mask(url)}: {_first_line(scrub(str(exc), url))}") from None
+    except RuntimeError as exc:  # Optuna's schema-version check
+        raise StorageError(f"{mask(url)}: {_first_line(scrub(str(exc), url))}") from None
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else "unknown error"
+
+
+@contextlib.contextmanager
+def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator[None]:
+    """Serialise the few writes that must not interleave across workers (creating a study, enqueuing
+    its grid points): Optuna's `enqueue_trial(skip_if_exists=True)` is not atomic across processes.
+
+    SQLite lives on one machine, so a file lock beside it does; PostgreSQL gets an advisory lock, which
+    blocks only other holders of the same lock, never Optuna's own queries.
+    """
+    storage = getattr(storage, "_backend", storage)  # a study wraps its RDBStorage in a cache
+    url = storage.url
+    path = sqlite_path(url)
+    if path is not None:
+        with open(path.with_name(path.name + ".lock"), "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    if storage.engine.name != "postgresql":
+        yield  # in-memory SQLite: one process
+        return
+    from sqlalchemy import text
+
+    key = int.from_bytes(hashlib.sha256(f"vadsearch:{study_name}".encode()).digest()[:8], "big", signed=True)
+    with storage.engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        connection.commit()
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+            connection.commit()

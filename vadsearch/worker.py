@@ -1,0 +1,323 @@
+"""Workers: join (or create) a study, keep its queue of configurations complete, run trials until done.
+
+Optuna is the whole distributed engine: the study, its trials and their states live in the SQL store,
+and any number of workers on any number of machines share it. A configuration is a *point* (its
+searched parameters as canonical JSON). Each point's trials tell its story:
+
+- COMPLETE or PRUNED: settled, never run again;
+- WAITING or RUNNING: in hand;
+- FAIL with `fail_reason`: the configuration raised; requeued until `max_retries` is spent;
+- FAIL with `interrupted`: stopped by Ctrl-C; always requeued;
+- FAIL with neither: its worker died and its heartbeat went stale; requeued up to `max_stale_retries`.
+
+Requeuing happens only in `reconcile`, under a lock on the study, so two workers never queue the same
+point twice. A requeued point resumes from the epoch checkpoints in its run directory, which is named
+after the configuration's fingerprint, not after the trial.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vadsearch.errors import StudyFileError
+from vadsearch.storage import mask, open_storage, storage_url, study_lock
+from vadsearch.studyfile import StudySpec
+
+if TYPE_CHECKING:
+    import optuna
+
+    from vadsearch.data import Corpus
+
+log = logging.getLogger(__name__)
+
+STUDY_ATTR = "vadsearch"
+
+
+def point_key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    storage: str | None = None
+    artifacts: Path = Path("vadsearch-artifacts")
+    """Root of the run directories (epoch checkpoints, best weights); shared by all workers."""
+    data: Path | None = None
+    device: str = "auto"
+    n_trials: int | None = None
+    """Trials this worker runs at most; None: until the study is finished."""
+    timeout: float | None = None
+    """Seconds after which this worker starts no new trial."""
+    heartbeat_interval: int = 10
+    grace_period: int = 60
+    """A RUNNING trial whose heartbeat is older than this is stale: its worker is taken for dead."""
+    max_stale_retries: int = 10
+    poll_interval: float = 5.0
+    """While every open point runs elsewhere, look for stale trials this often."""
+    progress: bool = True
+
+
+@dataclass
+class WorkerSummary:
+    study: str
+    trials: list[int] = field(default_factory=list)
+    states: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    stopped: str = ""  # why the worker stopped: finished, n-trials, timeout, interrupted
+
+
+@dataclass
+class _Point:
+    params: dict[str, Any]
+    settled: bool = False
+    active: bool = False
+    failures: int = 0
+    stale: int = 0
+
+
+def survey(spec: StudySpec, trials: list[optuna.trial.FrozenTrial], max_stale_retries: int) -> dict[str, _Point]:
+    """Every known point of the study and where it stands."""
+    from optuna.trial import TrialState
+
+    points: dict[str, _Point] = {}
+    if spec.sampler == "grid":
+        for params in spec.grid():
+            points[point_key(params)] = _Point(params)
+    for trial in trials:
+        attrs = trial.user_attrs
+        if attrs.get("orphan") or "point" not in attrs:
+            continue
+        point = points.setdefault(attrs["point"], _Point(json.loads(attrs["point"])))
+        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            point.settled = True
+        elif trial.state in (TrialState.RUNNING, TrialState.WAITING):
+            point.active = True
+        elif attrs.get("interrupted"):
+            pass
+        elif "fail_reason" in attrs:
+            point.failures += 1
+        else:
+            point.stale += 1
+    for point in points.values():
+        if point.failures > spec.max_retries or point.stale > max_stale_retries:
+            point.settled = True  # given up on: a failed point in the report, not an endless loop
+    return points
+
+
+def reconcile(study: optuna.Study, spec: StudySpec, max_stale_retries: int) -> int:
+    """Queue every point that is neither settled nor in hand; return how many were queued."""
+    with study_lock(study._storage, study.study_name):
+        points = survey(spec, study.get_trials(deepcopy=False), max_stale_retries)
+        queued = 0
+        for key, point in points.items():
+            if not (point.settled or point.active):
+                study.enqueue_trial(point.params, user_attrs={"point": key})
+                queued += 1
+    if queued:
+        log.info("queued %d configuration(s) of study %s", queued, study.study_name)
+    return queued
+
+
+def finished(spec: StudySpec, points: dict[str, _Point]) -> bool:
+    settled = sum(p.settled for p in points.values())
+    if spec.sampler == "grid":
+        return settled == len(points)
+    return settled >= spec.max_trials
+
+
+def progress(storage: optuna.storages.BaseStorage, spec: StudySpec) -> tuple[int, int, int]:
+    """(settled configurations, running trials, configurations given up on) of a study, for a bar."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=spec.name, storage=storage, sampler=optuna.samplers.RandomSampler())
+    trials = study.get_trials(deepcopy=False)
+    points = survey(spec, trials, max_stale_retries=WorkerOptions.max_stale_retries)
+    running = sum(t.state == TrialState.RUNNING and not t.user_attrs.get("orphan") for t in trials)
+    given_up = sum(p.settled and (p.failures or p.stale) and not _completed(p, trials) for p in points.values())
+    return sum(p.settled for p in points.values()), running, given_up
+
+
+def _completed(point: _Point, trials) -> bool:
+    from optuna.trial import TrialState
+
+    key = point_key(point.params)
+    return any(t.user_attrs.get("point") == key and t.state == TrialState.COMPLETE for t in trials)
+
+
+def open_study(
+    spec: StudySpec, storage: optuna.storages.RDBStorage, max_stale_retries: int, data_sha256: str
+) -> optuna.Study:
+    """Create the study or join it; refuse to join one whose search space or data differ from ours."""
+    import optuna
+
+    description = {**spec.to_dict(), "data_sha256": data_sha256}
+    with study_lock(storage, spec.name):
+        try:
+            study = optuna.load_study(study_name=spec.name, storage=storage, sampler=spec.make_sampler(),
+                                      pruner=spec.make_pruner())
+        except KeyError:
+            study = optuna.create_study(study_name=spec.name, storage=storage, direction="minimize",
+                                        sampler=spec.make_sampler(), pruner=spec.make_pruner())
+            study.set_user_attr(STUDY_ATTR, description)
+            log.info("created study %s (%s)", spec.name, mask(storage.url))
+    stored = study.user_attrs.get(STUDY_ATTR)
+    if stored is not None and _searched(stored) != _searched(description):
+        raise StudyFileError(
+            f"{spec.path}: study {spec.name!r} already exists in the storage with another search space "
+            f"or fixed settings; give the study a new [study] name, or use the original file"
+        )
+    if stored is not None and stored.get("data_sha256") != data_sha256:
+        raise StudyFileError(
+            f"{spec.path}: study {spec.name!r} was run on other data (sha256 {stored.get('data_sha256')}); "
+            "pass the same --data, or give the study a new [study] name"
+        )
+    reconcile(study, spec, max_stale_retries)
+    return study
+
+
+def _searched(description: dict[str, Any]) -> str:
+    # What decides the trials. Descriptive fields may change freely, and so may the epoch budget:
+    # raising max_epochs continues finished runs from their checkpoints.
+    base = {k: v for k, v in description.get("base", {}).items() if k not in ("max_epochs", "patience")}
+    values = {"sampler": description.get("sampler"), "space": description.get("space"), "base": base}
+    return json.dumps(values, sort_keys=True, default=str)
+
+
+class Worker:
+    def __init__(self, spec: StudySpec, options: WorkerOptions) -> None:
+        self.spec = spec
+        self.options = options
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.summary = WorkerSummary(spec.name)
+        self._corpus: Corpus | None = None
+
+    # --- before the first trial: everything that could fail for every trial fails here, once -----
+    def preflight(self) -> None:
+        from vadsearch.data import load_emobank
+        from vadsearch.train import resolve_device
+
+        resolve_device(self.options.device)
+        corpus = load_emobank(self.options.data or self.spec.data_path)
+        if self.spec.data_subset:
+            corpus = corpus.subset(*self.spec.data_subset, seed=self.spec.seed)
+        self._corpus = corpus
+        configs = [self.spec.config_for(p) for p in self.spec.grid()] if self.spec.sampler == "grid" else []
+        configs.append(self.spec.base)
+        choices = {p.name: p.choices for p in self.spec.space if p.choices}
+        if any(c.model == "lstm" and c.embedding == "external" for c in configs) or "external" in choices.get(
+            "embedding", ()
+        ):
+            from vadsearch.vectors import resolve_vectors
+
+            resolve_vectors(self.spec.base.vectors or "")
+        for model_name in {c.model_name for c in configs if c.model == "bert"} | set(choices.get("model_name", ())):
+            from vadsearch.encoding import load_tokenizer
+
+            load_tokenizer(model_name)
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def run(self) -> WorkerSummary:
+        self.preflight()
+        opts = self.options
+        storage = open_storage(
+            storage_url(opts.storage),
+            heartbeat_interval=opts.heartbeat_interval,
+            grace_period=opts.grace_period,
+            on_stale=lambda study, trial: reconcile(study, self.spec, opts.max_stale_retries),
+        )
+        study = open_study(self.spec, storage, opts.max_stale_retries, self._corpus.sha256)
+        started = time.monotonic()
+        try:
+            self.summary.stopped = self._loop(study, started)
+        except KeyboardInterrupt:
+            self.summary.stopped = "interrupted"
+            reconcile(study, self.spec, opts.max_stale_retries)  # requeue the trial Ctrl-C stopped
+        return self.summary
+
+    def _loop(self, study: optuna.Study, started: float) -> str:
+        import optuna
+        from optuna.trial import TrialState
+
+        opts = self.options
+        while True:
+            if opts.n_trials is not None and len(self.summary.trials) >= opts.n_trials:
+                return "n-trials"
+            if opts.timeout is not None and time.monotonic() - started >= opts.timeout:
+                return "timeout"
+            trials = study.get_trials(deepcopy=False)
+            points = survey(self.spec, trials, opts.max_stale_retries)
+            if finished(self.spec, points):
+                return "finished"
+            waiting = any(t.state == TrialState.WAITING for t in trials)
+            if not waiting and reconcile(study, self.spec, opts.max_stale_retries) == 0:
+                in_hand = sum(p.settled or p.active for p in points.values())
+                if self.spec.sampler == "grid" or in_hand >= self.spec.max_trials:
+                    # Every open point runs elsewhere: wait, in case one of those workers dies.
+                    optuna.storages.fail_stale_trials(study)
+                    time.sleep(opts.poll_interval)
+                    continue
+            study.optimize(self._objective, n_trials=1, catch=(Exception,), callbacks=[self._record])
+
+    def _record(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if not trial.user_attrs.get("orphan"):
+            self.summary.trials.append(trial.number)
+            self.summary.states[trial.state.name] += 1
+
+    # --- one trial ---------------------------------------------------------------------------------
+    def _objective(self, trial: optuna.Trial) -> float:
+        import optuna
+
+        from vadsearch.train import train
+
+        if self.spec.sampler == "grid" and "point" not in trial.user_attrs:
+            # Another worker took the last waiting point between our look and Optuna's; Optuna then
+            # made a fresh trial. Mark it so that reports and the queue ignore it.
+            trial.set_user_attr("orphan", True)
+            raise optuna.TrialPruned("no configuration was waiting")
+        params = self.spec.suggest(trial)
+        config = self.spec.config_for(params)
+        run_dir = self.options.artifacts / self.spec.name / config.fingerprint()
+        trial.set_user_attr("point", point_key(params))
+        trial.set_user_attr("worker", self.name)
+        trial.set_user_attr("config", config.relevant())
+        trial.set_user_attr("checkpoint_dir", str(run_dir))
+        log.info("trial %d: %s", trial.number, point_key(params))
+
+        def on_epoch(epoch) -> None:
+            trial.report(epoch.dev.mse, epoch.epoch)
+            trial.set_user_attr("epochs_done", epoch.epoch)
+            if not epoch.restored and trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {epoch.epoch} (dev {epoch.dev.mse:.4f})")
+
+        try:
+            result = train(config, self._corpus, run_dir=run_dir, device=self.options.device,
+                           on_epoch=on_epoch, progress=self.options.progress)
+        except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)
+            raise
+        except Exception as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {reason}"[:500])
+            raise
+        for key, value in {
+            "best_epoch": result.best_epoch,
+            "epochs_done": len(result.history),
+            "dev": result.dev.as_dict(),
+            "test": result.test.as_dict() if result.test else None,
+            "trainable_params": result.trainable_params,
+            "total_params": result.total_params,
+            "resumed_from": result.resumed_from,
+            "seconds": result.seconds,
+        }.items():
+            trial.set_user_attr(key, value)
+        return result.dev.mse

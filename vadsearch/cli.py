@@ -70,10 +70,6 @@ StudyArg = Annotated[str, typer.Argument(help="Study name, or the study file tha
 def _setup_logging(quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
-    if "optuna" in sys.modules or not quiet:
-        import optuna
-
-        optuna.logging.set_verbosity(level)
 
 
 def _scores_line(label: str, scores) -> str:
@@ -227,8 +223,12 @@ def worker(
       vadsearch worker studies/bert.toml --storage postgresql+psycopg://user:pw@db/vad --set model_name=PATH
     """
     _setup_logging(quiet)
+    import optuna
+
     from vadsearch import report as reports
     from vadsearch.worker import Worker, WorkerOptions
+
+    optuna.logging.set_verbosity(logging.WARNING if quiet else logging.INFO)
 
     spec = _load_spec(study_file, data, sets)
     options = WorkerOptions(storage=storage, artifacts=artifacts, device=device, n_trials=n_trials,

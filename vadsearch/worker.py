@@ -60,9 +60,12 @@ class WorkerOptions:
     grace_period: int = 60
     """A RUNNING trial whose heartbeat is older than this is stale: its worker is taken for dead."""
     max_stale_retries: int = 10
-    poll_interval: float = 5.0
-    """While every open point runs elsewhere, look for stale trials this often."""
     progress: bool = True
+
+    @property
+    def poll_interval(self) -> float:
+        """While every open point runs elsewhere, look for stale trials this often."""
+        return min(5.0, max(0.5, self.grace_period / 4))
 
 
 @dataclass
@@ -191,6 +194,16 @@ def _searched(description: dict[str, Any]) -> str:
     return json.dumps(values, sort_keys=True, default=str)
 
 
+class _NoTracebacks(logging.Filter):
+    """Optuna logs a failed trial with its traceback; the reason is stored on the trial and one line
+    is enough in a worker's log (a Ctrl-C especially is no error)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
 class Worker:
     def __init__(self, spec: StudySpec, options: WorkerOptions) -> None:
         self.spec = spec
@@ -225,7 +238,11 @@ class Worker:
 
     # --- the loop ----------------------------------------------------------------------------------
     def run(self) -> WorkerSummary:
+        import optuna
+
         self.preflight()
+        for handler in logging.getLogger("optuna").handlers + logging.getLogger().handlers:
+            handler.addFilter(_NoTracebacks())
         opts = self.options
         storage = open_storage(
             storage_url(opts.storage),

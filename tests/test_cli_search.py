@@ -1,0 +1,121 @@
+"""The search commands through the CLI, in-process: results, formats, and one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from search_helpers import write_study
+from vadsearch.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str, cwd=None):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+@pytest.fixture
+def finished(tmp_path, tiny_csv, monkeypatch):
+    """A finished two-point study in tmp_path/vadsearch.db, run through `vadsearch worker`."""
+    monkeypatch.chdir(tmp_path)
+    study_file = write_study(tmp_path / "tiny.toml", name="tiny", data=tiny_csv, search="hidden_size = [4, 8]")
+    result = invoke("worker", str(study_file), "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_worker_prints_the_leaderboard_and_best_trial(finished):
+    assert "worker stopped (finished): ran 2 trial(s): 2 complete" in finished.output
+    assert "param.hidden_size" in finished.output and "test.mse" in finished.output
+
+
+@pytest.mark.parametrize("fmt", ["table", "markdown", "csv", "json"])
+def test_report_formats(finished, fmt):
+    result = invoke("report", "tiny", "--format", fmt)
+    assert result.exit_code == 0, result.output
+    if fmt == "json":
+        rows = json.loads(result.output)
+        assert [r["rank"] for r in rows] == [1, 2] and rows[0]["dev_mse"] <= rows[1]["dev_mse"]
+    elif fmt == "csv":
+        assert len(list(csv.DictReader(io.StringIO(result.output)))) == 2
+    elif fmt == "markdown":
+        assert result.output.lstrip().startswith("|") and "---" in result.output
+    else:
+        assert "dev_mse" in result.output and "test.mse" in result.output
+
+
+def test_best_is_the_lowest_dev_and_the_study_file_names_the_study(finished, tmp_path):
+    by_name = json.loads(invoke("best", "tiny").output)
+    by_file = json.loads(invoke("best", str(tmp_path / "tiny.toml")).output)
+    assert by_name == by_file
+    board = json.loads(invoke("report", "tiny", "--format", "json").output)
+    assert by_name["trial"] == board[0]["trial"] and by_name["dev"]["mse"] == board[0]["dev_mse"]
+
+
+def test_status_and_compare(finished):
+    status = invoke("status")
+    assert "tiny (lstm, grid): 2/2 complete, 0 running" in status.output
+    compare = json.loads(invoke("compare", "tiny", "--format", "json").output)
+    assert compare[0]["study"] == "tiny" and compare[0]["complete"] == 2
+
+
+def test_set_overrides_train_values(tmp_path, tiny_csv, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    study_file = write_study(tmp_path / "t.toml", name="t", data=tiny_csv, search="hidden_size = [4]")
+    assert invoke("worker", str(study_file), "--device", "cpu", "-q", "--set", "max_epochs=1").exit_code == 0
+    assert json.loads(invoke("best", "t").output)["config"]["max_epochs"] == 1
+
+
+def one_line_error(result, code: int | None = None) -> str:
+    assert result.exit_code != 0
+    if code is not None:
+        assert result.exit_code == code
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_bad_study_file_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[study]\nsmapler = "grid"\n[train]\nmodel = "lstm"\n')
+    line = one_line_error(invoke("worker", str(bad)), code=2)
+    assert "bad.toml" in line and "study.smapler" in line
+    assert not (tmp_path / "vadsearch.db").exists()
+
+
+def test_bad_set_and_bad_storage(tmp_path, tiny_csv, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    study_file = write_study(tmp_path / "t.toml", name="t", data=tiny_csv, search="hidden_size = [4]")
+    assert "--set takes KEY=VALUE" in one_line_error(invoke("worker", str(study_file), "--set", "max_epochs"))
+    assert "unknown" in one_line_error(invoke("worker", str(study_file), "--set", "nonsense=1"))
+    line = one_line_error(invoke("worker", str(study_file), "--storage",
+                                 "postgresql+psycopg://bob:hunter2@127.0.0.1:1/x"), code=3)
+    assert "hunter2" not in line
+    assert not (tmp_path / "vadsearch.db").exists()
+
+
+def test_unknown_study_lists_the_existing_ones(finished):
+    line = one_line_error(invoke("report", "nope"), code=3)
+    assert "nope" in line and "tiny" in line
+
+
+def test_reports_without_a_database_create_none(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for command in (["status"], ["report", "x"], ["best", "x"], ["compare", "x"]):
+        assert "no study database" in one_line_error(invoke(*command), code=3)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_command_teaches_in_its_help():
+    result = invoke("--help")
+    for command in ("train", "worker", "launch", "status", "report", "best", "compare"):
+        assert command in result.output
+        help_text = invoke(command, "--help").output
+        assert "Usage" in help_text and len(help_text) > 200

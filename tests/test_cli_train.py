@@ -1,0 +1,200 @@
+"""`vadsearch train` in-process: output, resuming, JSON, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from helpers import write_csv
+from vadsearch.cli import app
+
+TINY_LSTM_OPTIONS = ["--model", "lstm", "--hidden-size", "8", "--embedding-dim", "8", "--batch-size", "8",
+                     "--lr", "0.02", "--seed", "0", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """The command reconfigures the root logger onto the runner's stream; put it back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture()
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def _one_error_line(result) -> str:
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------- help
+
+
+def test_help_lists_train(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "train" in result.output and "Train one configuration" in result.output
+
+
+def test_no_arguments_shows_help(runner: CliRunner) -> None:
+    result = runner.invoke(app, [])
+    assert "Usage" in result.output and "train" in result.output
+
+
+def _commands() -> dict:
+    return typer.main.get_command(app).commands
+
+
+@pytest.mark.parametrize("name", sorted(_commands()))
+def test_every_command_has_help(runner: CliRunner, name: str) -> None:
+    command = _commands()[name]
+    assert command.help and command.help.strip(), f"`vadsearch {name}` has no docstring"
+    result = runner.invoke(app, [name, "--help"])
+    assert result.exit_code == 0
+    first_words = " ".join(command.help.split()[:4])
+    assert first_words in " ".join(result.output.replace("│", " ").split())
+
+
+def test_train_help_shows_an_example(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["train", "--help"])
+    assert result.exit_code == 0 and "vadsearch train --model" in result.output
+
+
+def test_cli_module_does_not_import_heavy_libraries() -> None:
+    code = "import sys, vadsearch.cli; print(sorted(m for m in ('torch', 'transformers', 'spacy', 'optuna') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_help_runs_as_a_module() -> None:
+    out = subprocess.run([sys.executable, "-m", "vadsearch.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "train" in out.stdout
+
+
+# ------------------------------------------------------------------------------------------ baseline
+
+
+def test_baseline_prints_dev_and_test(runner: CliRunner, tiny_csv: Path) -> None:
+    result = runner.invoke(app, ["train", "--model", "baseline", "--data", str(tiny_csv), "--quiet"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["dev", "test"]
+    assert all(" MSE " in line and "r  V" in line for line in lines)
+    assert "epoch" not in result.stdout
+
+
+def test_baseline_on_real_data(runner: CliRunner, real_data_path: Path) -> None:
+    result = runner.invoke(app, ["train", "--model", "baseline", "--data", str(real_data_path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("dev   MSE 0.0751") and "\ntest  MSE 0.0765" in result.stdout
+
+
+def test_mean_baseline_json(runner: CliRunner, tiny_csv: Path) -> None:
+    result = runner.invoke(app, ["train", "--model", "baseline", "--baseline", "mean", "--data", str(tiny_csv), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["best_epoch"] == 0 and out["history"] == []
+    assert out["config"] == {"model": "baseline", "seed": 0, "baseline": "mean"}
+
+
+# --------------------------------------------------------------------------------------------- LSTM
+
+
+def test_lstm_prints_epochs_and_resumes(runner: CliRunner, tiny_csv: Path, tmp_path: Path) -> None:
+    args = ["train", *TINY_LSTM_OPTIONS, "--data", str(tiny_csv), "--checkpoint-dir", str(tmp_path / "run")]
+    first = runner.invoke(app, [*args, "--max-epochs", "2"])
+    assert first.exit_code == 0, first.output
+    epoch_lines = [line for line in first.stdout.splitlines() if line.startswith("epoch")]
+    assert [line.split()[1] for line in epoch_lines] == ["1", "2"]
+    assert all("loss" in line and "dev" in line for line in epoch_lines)
+    assert "(from checkpoint)" not in first.stdout
+    assert "best epoch" in first.stdout and "\ndev " in first.stdout and "\ntest " in first.stdout
+
+    second = runner.invoke(app, [*args, "--max-epochs", "3"])
+    assert second.exit_code == 0, second.output
+    lines = [line for line in second.stdout.splitlines() if line.startswith("epoch")]
+    assert [line.split()[1] for line in lines] == ["1", "2", "3"]
+    assert [line.endswith("(from checkpoint)") for line in lines] == [True, True, False]
+    # The restored epochs print the same numbers as when they were trained.
+    for before, after in zip(epoch_lines, lines):
+        assert before.split()[:6] == after.split()[:6]
+
+
+def test_lstm_json(runner: CliRunner, tiny_csv: Path) -> None:
+    result = runner.invoke(app, ["train", *TINY_LSTM_OPTIONS, "--data", str(tiny_csv), "--max-epochs", "2",
+                                 "--bidirectional", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["best_epoch"] in (1, 2) and len(out["history"]) == 2
+    assert out["config"]["bidirectional"] is True and out["config"]["hidden_size"] == 8
+    assert out["dev"]["mse"] == out["history"][out["best_epoch"] - 1]["dev"]["mse"]
+    assert out["test"]["n"] == 20
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lr", "-1"], "lr must be positive"),
+        (["--model", "nope"], "model must be one of"),
+        (["--max-epochs", "0"], "max_epochs must be at least 1"),
+        (["--trainable-layers", "top-3", "--model", "bert"], "trainable_layers"),
+        (["--embedding", "external"], "vectors"),
+    ],
+)
+def test_bad_option_is_one_error_line(runner: CliRunner, tiny_csv: Path, args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["train", "--data", str(tiny_csv), *args])
+    assert message in _one_error_line(result)
+    assert result.exit_code == 2
+
+
+def test_missing_data_file(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", "--model", "baseline", "--data", str(tmp_path / "missing.csv")])
+    line = _one_error_line(result)
+    assert "missing.csv" in line and "does not exist" in line
+
+
+def test_malformed_csv(runner: CliRunner, tmp_path: Path) -> None:
+    bad = write_csv(tmp_path / "bad.csv", [["a1", "train", "3", "3", "3", "ok"], ["a2", "dev", "x", "3", "3", "no"]])
+    result = runner.invoke(app, ["train", "--model", "baseline", "--data", str(bad)])
+    line = _one_error_line(result)
+    assert "bad.csv, line 3" in line
+
+
+def test_divergence_is_one_error_line(runner: CliRunner, tiny_csv: Path) -> None:
+    result = runner.invoke(app, ["train", *TINY_LSTM_OPTIONS, "--data", str(tiny_csv), "--max-epochs", "1",
+                                 "--lr", "1e30"])
+    assert "diverged" in _one_error_line(result)
+    assert result.exit_code == 5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_gpu_is_one_error_line(runner: CliRunner, tiny_csv: Path) -> None:
+    result = runner.invoke(app, ["train", "--data", str(tiny_csv), "--device", "cuda", "--max-epochs", "1"])
+    assert "--device cpu" in _one_error_line(result)
+
+
+def test_unparsable_number_is_a_usage_error(runner: CliRunner, tiny_csv: Path) -> None:
+    result = runner.invoke(app, ["train", "--data", str(tiny_csv), "--max-epochs", "many"])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output and "Invalid value for '--max-epochs'" in result.output

@@ -1,0 +1,60 @@
+"""Many workers on one study in the real PostgreSQL at 127.0.0.1:5432: no point finished twice."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search_helpers import POSTGRES_URL, points_finished, vadsearch, write_study
+from vadsearch.errors import StorageError
+from vadsearch.storage import open_storage
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    try:
+        return open_storage(POSTGRES_URL)
+    except StorageError as exc:
+        pytest.skip(f"no PostgreSQL: {exc}")
+
+
+@pytest.fixture
+def study_name(postgres):
+    name = f"pg-{uuid.uuid4().hex[:8]}"
+    yield name
+    try:
+        optuna.delete_study(study_name=name, storage=postgres)
+    except KeyError:
+        pass
+
+
+def test_four_launched_workers_finish_each_point_exactly_once(tmp_path, tiny_csv, postgres, study_name):
+    study_file = write_study(tmp_path / "pg.toml", name=study_name, data=tiny_csv,
+                             search="hidden_size = [4, 8]\nlr = [0.001, 0.003, 0.01]\nbidirectional = [false, true]")
+    result = vadsearch("launch", str(study_file), "--workers", "4", "--storage", POSTGRES_URL,
+                       "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr + "".join(
+        p.read_text() for p in (tmp_path / "vadsearch-logs").glob("*.log"))
+
+    study = optuna.load_study(study_name=study_name, storage=postgres)
+    finished = points_finished(study)
+    assert len(finished) == 12 and set(finished.values()) == {1}
+    workers = {t.user_attrs["worker"] for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert len(workers) > 1, "one worker did all the work: the others never joined"
+    for index in range(4):
+        assert "Traceback" not in (tmp_path / "vadsearch-logs" / f"worker-{index}.log").read_text()
+
+    # Stock Optuna tools read the same storage.
+    optuna_cli = str(Path(sys.executable).with_name("optuna"))
+    listed = subprocess.run([optuna_cli, "trials", "--study-name", study_name,
+                             "--storage", POSTGRES_URL, "-f", "json"], capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.count('"COMPLETE"') == 12

@@ -1,0 +1,168 @@
+"""Workers in-process on SQLite: the queue of points, retries, interruption, joining rules."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+import vadsearch.train
+from search_helpers import points_finished, write_study
+from vadsearch.errors import StudyFileError
+from vadsearch.storage import open_storage
+from vadsearch.studyfile import load_study_file
+from vadsearch.worker import Worker, WorkerOptions, point_key, reconcile, survey
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_csv):
+    def make(search: str = "hidden_size = [4, 8]\nlr = [0.001, 0.01]", **kwargs):
+        spec = load_study_file(write_study(tmp_path / "s.toml", name="s", data=tiny_csv, search=search, **kwargs))
+        options = WorkerOptions(storage=f"sqlite:///{tmp_path}/s.db", artifacts=tmp_path / "art", device="cpu",
+                                progress=False, grace_period=2, heartbeat_interval=1)
+        return spec, options
+
+    return make
+
+
+def load(options, name="s"):
+    return optuna.load_study(study_name=name, storage=open_storage(options.storage, create=False))
+
+
+def test_grid_runs_every_point_once_and_a_rerun_runs_nothing(setup):
+    spec, options = setup()
+    summary = Worker(spec, options).run()
+    assert summary.stopped == "finished"
+    assert len(summary.trials) == 4
+    study = load(options)
+    assert sorted(points_finished(study)) == sorted(point_key(p) for p in spec.grid())
+    assert set(points_finished(study).values()) == {1}
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert {t.number for t in complete} == set(summary.trials)
+    for trial in complete:
+        assert trial.value == trial.user_attrs["dev"]["mse"]
+        assert sorted(trial.intermediate_values) == [1, 2]  # per-epoch dev, readable by stock Optuna
+        assert trial.user_attrs["epochs_done"] == 2
+        assert trial.user_attrs["test"]["n"] == 20
+
+    again = Worker(spec, options).run()
+    assert (again.stopped, again.trials) == ("finished", [])
+    assert len(load(options).trials) == 4
+
+
+def test_n_trials_stops_early_and_the_next_worker_finishes(setup):
+    spec, options = setup()
+    first = Worker(spec, WorkerOptions(**{**options.__dict__, "n_trials": 1})).run()
+    assert (first.stopped, len(first.trials)) == ("n-trials", 1)
+    rest = Worker(spec, options).run()
+    assert (rest.stopped, len(rest.trials)) == ("finished", 3)
+    assert set(points_finished(load(options)).values()) == {1}
+
+
+def test_a_failing_point_is_retried_then_given_up_while_the_others_finish(setup, monkeypatch):
+    spec, options = setup('hidden_size = [4, 8]\n', study="max_retries = 1")
+    real_train = vadsearch.train.train
+
+    def flaky(config, *args, **kwargs):
+        if config.hidden_size == 8:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_train(config, *args, **kwargs)
+
+    monkeypatch.setattr(vadsearch.train, "train", flaky)
+    summary = Worker(spec, options).run()
+    assert summary.stopped == "finished"
+    study = load(options)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 2  # the first try and one retry
+    assert all(t.params == {"hidden_size": 8} for t in failed)
+    assert all(t.user_attrs["fail_reason"] == "RuntimeError: CUDA out of memory (simulated)" for t in failed)
+    assert points_finished(study) == {point_key({"hidden_size": 4}): 1}
+
+
+def test_ctrl_c_leaves_the_trial_resumable_without_spending_a_retry(setup, monkeypatch):
+    spec, options = setup('hidden_size = [4]\n', max_epochs=3, study="max_retries = 0")
+    real_train = vadsearch.train.train
+
+    def interrupted_after_two_epochs(config, corpus, **kwargs):
+        on_epoch = kwargs.pop("on_epoch")
+
+        def stop(epoch):
+            on_epoch(epoch)
+            if epoch.epoch == 2:
+                raise KeyboardInterrupt
+
+        return real_train(config, corpus, on_epoch=stop, **kwargs)
+
+    monkeypatch.setattr(vadsearch.train, "train", interrupted_after_two_epochs)
+    assert Worker(spec, options).run().stopped == "interrupted"
+    study = load(options)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert study.trials[0].user_attrs["interrupted"] is True
+
+    monkeypatch.setattr(vadsearch.train, "train", real_train)
+    assert Worker(spec, options).run().stopped == "finished"
+    resumed = load(options).trials[1]
+    assert resumed.state == TrialState.COMPLETE
+    assert resumed.user_attrs["resumed_from"] == 2  # continued from its epoch-2 checkpoint
+    assert sorted(resumed.intermediate_values) == [1, 2, 3]  # restored epochs reported, none lost
+
+
+def test_survey_classifies_failures_by_cause(setup):
+    spec, _ = setup('hidden_size = [4, 8, 16]\n', study="max_retries = 1")
+    key = point_key({"hidden_size": 4})
+
+    def failed(**attrs):
+        return optuna.create_trial(state=TrialState.FAIL, params={}, distributions={},
+                                   user_attrs={"point": key, **attrs})
+
+    trials = [failed(fail_reason="x"), failed(interrupted=True), failed()]
+    point = survey(spec, trials, max_stale_retries=5)[key]
+    assert (point.failures, point.stale, point.settled, point.active) == (1, 1, False, False)
+    point = survey(spec, trials + [failed(fail_reason="y")], max_stale_retries=5)[key]
+    assert point.settled  # max_retries = 1 spent
+    point = survey(spec, [failed(), failed()], max_stale_retries=1)[key]
+    assert point.settled
+    orphan = optuna.create_trial(state=TrialState.PRUNED, value=None, params={}, distributions={},
+                                 user_attrs={"orphan": True})
+    assert set(survey(spec, [orphan], max_stale_retries=1)) == {point_key({"hidden_size": h}) for h in (4, 8, 16)}
+
+
+def test_reconcile_never_queues_a_point_twice(setup, tmp_path):
+    spec, options = setup()
+    storage = open_storage(options.storage)
+    study = optuna.create_study(study_name="s", storage=storage)
+    assert reconcile(study, spec, 10) == 4
+    assert reconcile(study, spec, 10) == 0
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 4
+
+
+def test_joining_with_another_search_space_or_other_data_is_refused_before_any_write(setup, tmp_path):
+    spec, options = setup()
+    Worker(spec, WorkerOptions(**{**options.__dict__, "n_trials": 1})).run()
+    before = len(load(options).trials)
+
+    changed, _ = setup("hidden_size = [4, 16]\nlr = [0.001, 0.01]")
+    with pytest.raises(StudyFileError, match="another search space"):
+        Worker(changed, options).run()
+
+    other = tmp_path / "other.csv"
+    other.write_text(spec.data_path.read_text().replace("tiny_0000", "tiny_x"))
+    with pytest.raises(StudyFileError, match="other data"):
+        Worker(spec.with_overrides(data_path=other), options).run()
+    assert len(load(options).trials) == before
+
+    # A larger epoch budget is allowed: it continues finished runs.
+    assert Worker(spec.with_overrides(train={"max_epochs": 3}), options).run().stopped == "finished"
+
+
+def test_study_attrs_describe_the_study(setup):
+    spec, options = setup()
+    Worker(spec, WorkerOptions(**{**options.__dict__, "n_trials": 1})).run()
+    described = load(options).user_attrs["vadsearch"]
+    assert described["name"] == "s" and described["sampler"] == "grid"
+    from vadsearch.data import load_corpus
+
+    assert described["data_sha256"] == load_corpus(spec.data_path).sha256
+    assert json.loads(json.dumps(described)) == described

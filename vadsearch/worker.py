@@ -241,7 +241,8 @@ class Worker:
         import optuna
 
         self.preflight()
-        for handler in logging.getLogger("optuna").handlers + logging.getLogger().handlers:
+        optuna_root = optuna.logging.get_logger("optuna")  # creates Optuna's own handler if not there yet
+        for handler in optuna_root.handlers + logging.getLogger().handlers:
             handler.addFilter(_NoTracebacks())
         opts = self.options
         storage = open_storage(

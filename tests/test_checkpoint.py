@@ -239,6 +239,38 @@ def test_read_only_directory(tmp_path: Path) -> None:
     assert run.load(FP, SHA)["epoch"] == 1
 
 
+def test_permission_denied_even_as_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read-only case where chmod cannot show it (root): opening the temporary file fails."""
+    run = RunDirectory(tmp_path)
+    _run(run, [True])
+
+    def read_only(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(checkpoint, "open", read_only, raising=False)
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*epoch-0002\.pt: Permission denied"):
+        run.save(_state(2, 1), None, 1)
+    monkeypatch.undo()
+    assert _no_temp_files(tmp_path) and run.load(FP, SHA)["epoch"] == 1
+
+
+def test_rejecting_in_a_read_only_directory_still_falls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = RunDirectory(tmp_path)
+    _run(run, [True, True])
+    _truncate(tmp_path / "epoch-0002.pt")
+
+    def read_only(self, target):
+        raise PermissionError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(Path, "replace", read_only)
+    caplog.set_level(logging.WARNING)
+    assert run.load(FP, SHA)["epoch"] == 1
+    assert len(_warnings(caplog)) == 1
+    assert "epoch-0002.pt" in _names(tmp_path)  # left in place, rejected again next time
+
+
 def test_directory_that_cannot_be_created(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("a file where the run directory should be")

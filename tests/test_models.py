@@ -23,8 +23,8 @@ MEANS = np.array([3.1, 2.9, 3.2])
 
 def _lstm(**overrides) -> LSTMRegressor:
     torch.manual_seed(0)
-    options = dict(vocab_size=30, embedding_dim=8, hidden_size=8, layers=1, bidirectional=False,
-                   dropout=0.3, output_bias=MEANS)
+    options = {"vocab_size": 30, "embedding_dim": 8, "hidden_size": 8, "layers": 1, "bidirectional": False,
+               "dropout": 0.3, "output_bias": MEANS}
     return LSTMRegressor(**{**options, **overrides})
 
 

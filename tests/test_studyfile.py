@@ -263,7 +263,7 @@ BAD = {
     "range on a string": (TPE_HEADER + "[search]\nmodel = { low = 1, high = 2 }\n", "search.model: model is str, not a number"),
     "range of strings": (TPE_HEADER + '[search]\nlr = { low = "a", high = 0.1 }\n', "search.lr.low: expected a number"),
     "in train and search": ("[train]\nlr = 0.1\n[search]\nlr = [0.1, 0.2]\n", "search.lr: is also set in [train]"),
-    "invalid grid value": ("[search]\nlr = [-1, 0.1]\n", "search.lr: lr must be positive, got -1.0"),
+    "invalid grid value": ("[search]\nlr = [-1, 0.1]\n", "search.lr: lr must be a finite positive number, got -1.0"),
     "invalid choice value": ('[search]\noptimizer = ["adam", "sgd"]\n', "search.optimizer: optimizer must be one of"),
     "invalid range endpoint": (TPE_HEADER + "[search]\ndropout = { low = 0.0, high = 1.0 }\n", "search.dropout: dropout must be in [0, 1), got 1.0"),
     "invalid grid combination": ('[search]\nembedding = ["internal", "external"]\n', "search.embedding: embedding = external needs a word-vector file"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import synthetic_rows, write_csv
 from vadsearch import train as train_module
 from vadsearch.config import TrainConfig
 from vadsearch.data import Corpus, load_corpus
@@ -18,8 +20,6 @@ from vadsearch.encoding import encode_corpus
 from vadsearch.errors import ConfigError, TrainingError
 from vadsearch.metrics import constant_baseline, mean_baseline
 from vadsearch.train import EpochResult, RunResult, resolve_device, train
-
-from helpers import synthetic_rows, write_csv
 
 TINY_LSTM = TrainConfig(
     model="lstm", hidden_size=8, embedding_dim=8, batch_size=8, eval_batch_size=16, max_epochs=4, lr=0.02,
@@ -70,8 +70,6 @@ def test_lstm_trains(uninterrupted: RunResult, tiny_corpus: Corpus) -> None:
 
 
 def test_as_dict_is_json_ready(uninterrupted: RunResult) -> None:
-    import json
-
     d = json.loads(json.dumps(uninterrupted.as_dict()))
     assert d["best_epoch"] == uninterrupted.best_epoch
     assert [h["epoch"] for h in d["history"]] == [1, 2, 3, 4]
@@ -185,15 +183,31 @@ def test_linear_schedule_with_max_epochs_changed_starts_over(tiny_corpus: Corpus
     assert _run(linear, tiny_corpus, tmp_path).resumed_from == 0
 
 
-@pytest.mark.xfail(
-    reason="BUG: train.py resumes a checkpoint with more epochs than max_epochs (max_epochs is left out of "
-    "the fingerprint under a constant schedule) and returns all of them: best_epoch > max_epochs",
-    strict=True,
-)
-def test_lower_max_epochs_never_reports_epochs_beyond_it(tiny_corpus: Corpus, tmp_path: Path) -> None:
+def test_lower_max_epochs_with_the_best_beyond_it_starts_over(
+    tiny_corpus: Corpus, tmp_path: Path, uninterrupted: RunResult, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert uninterrupted.best_epoch == 4  # the premise: the finished run's best lies beyond 2
     _run(TINY_LSTM, tiny_corpus, tmp_path)
-    result = _run(TINY_LSTM.replace(max_epochs=1), tiny_corpus, tmp_path)
-    assert len(result.history) <= 1 and result.best_epoch <= 1
+    caplog.set_level(logging.WARNING)
+    result = _run(TINY_LSTM.replace(max_epochs=2), tiny_corpus, tmp_path)
+    fresh = _run(TINY_LSTM.replace(max_epochs=2), tiny_corpus)
+    assert result.resumed_from == 0
+    assert _epochs(result) == _epochs(fresh) == _epochs(uninterrupted)[:2]
+    assert result.best_epoch <= 2 and result.test.as_dict() == fresh.test.as_dict()
+    assert len(_warnings(caplog)) == 1
+
+
+def test_lower_max_epochs_with_the_best_within_it_reuses_the_run(
+    tiny_corpus: Corpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dev = encode_corpus(TINY_LSTM, tiny_corpus).dev
+    calls = _fake_dev_predictions(monkeypatch, dev, [0.2, 0.1, 0.3, 0.4])
+    _run(TINY_LSTM, tiny_corpus, tmp_path)
+    monkeypatch.setattr(train_module, "_train_epoch", _fail("the best epoch lies within the budget"))
+    result = _run(TINY_LSTM.replace(max_epochs=3), tiny_corpus, tmp_path)
+    assert result.resumed_from == 3 and [h.epoch for h in result.history] == [1, 2, 3]
+    assert result.best_epoch == 2 and result.dev.mse == pytest.approx(0.1**2, rel=1e-5)
+    assert calls == ["dev"] * 4 + ["test", "test"]
 
 
 # ----------------------------------------------------------------------------- schedules and options
@@ -401,8 +415,9 @@ def test_constant_baseline_on_real_data(real_corpus: Corpus) -> None:
 
 
 def _tiny_bert(tiny_bert_dir: str, **overrides) -> TrainConfig:
-    options = dict(model="bert", model_name=tiny_bert_dir, max_length=32, batch_size=8, eval_batch_size=16,
-                   lr=1e-3, max_epochs=2, dropout=0.1, trainable_layers="last-2", seed=0)
+    options = {"model": "bert", "model_name": tiny_bert_dir, "max_length": 32, "batch_size": 8,
+               "eval_batch_size": 16, "lr": 1e-3, "max_epochs": 2, "dropout": 0.1, "trainable_layers": "last-2",
+               "seed": 0}
     return TrainConfig(**{**options, **overrides})
 
 

@@ -1,11 +1,11 @@
 """Epoch checkpoints: written atomically, rotated, verified before a run resumes from them.
 
 A run directory holds `epoch-NNNN.pt` (everything needed to continue after epoch NNNN: model, optimizer,
-scheduler, RNG states, history, the resolved config) and `best-NNNN.pt` (the model weights of the best
-epoch so far). Files are written to a temporary name and renamed, so a kill at any moment leaves either
-the old file or the new one. The two newest epoch checkpoints and the best weights they name are kept,
-so that a torn or corrupt newest checkpoint falls back to the one before it; a checkpoint that fails verification is renamed
-`*.rejected` and reported once.
+scheduler, RNG states, history, the resolved config) and `best-NNNN.pt` (the weights of the best epoch so
+far, with the config and vocabulary needed to use them). Files are written to a temporary name and
+renamed, so a kill at any moment leaves either the old file or the new one. The two newest epoch
+checkpoints and the best weights they name are kept, so that a torn or corrupt newest checkpoint falls
+back to the one before it; a checkpoint that fails verification is renamed `*.rejected` and reported once.
 """
 
 from __future__ import annotations
@@ -73,7 +73,10 @@ class RunDirectory:
         epoch = state["epoch"]
         if best_model is not None:
             # Written before the epoch checkpoint that names it, so no checkpoint points at a missing file.
-            atomic_save({"format": FORMAT, "epoch": epoch, "fingerprint": state["fingerprint"], "model": best_model},
+            # Self-sufficient: config and vocabulary travel with the weights, so the file alone can
+            # predict or be exported after the epoch checkpoints are cleaned up.
+            best = {k: state.get(k) for k in ("fingerprint", "data_sha256", "config", "vocab")}
+            atomic_save({**best, "format": FORMAT, "epoch": epoch, "model": best_model},
                         self.path / f"best-{epoch:04d}.pt")
         atomic_save({**state, "format": FORMAT}, self.path / f"epoch-{epoch:04d}.pt")
         for _, old in self._files("epoch")[KEEP:]:
@@ -96,11 +99,33 @@ class RunDirectory:
             if problem is None:
                 return {**state, "best_model": best["model"]}
             log.warning("checkpoint %s rejected: %s; falling back to an earlier one", path, problem)
-            path.replace(path.with_name(path.name + ".rejected"))
+            self._set_aside(path)
         return None
+
+    def discard(self, reason: str) -> None:
+        """Set every checkpoint aside (renamed `*.rejected`), so that training starts over cleanly."""
+        files = self._files("epoch") + self._files("best")
+        if files:
+            log.warning("checkpoints in %s set aside: %s", self.path, reason)
+        for _, path in files:
+            self._set_aside(path)
+
+    @staticmethod
+    def _set_aside(path: Path) -> None:
+        try:
+            path.replace(path.with_name(path.name + ".rejected"))
+        except OSError:
+            # A read-only directory: it stays in place and is rejected again next time, which is
+            # harmless; the run itself will fail clearly when it tries to write its first checkpoint.
+            pass
 
     def best_model(self, epoch: int) -> dict[str, torch.Tensor]:
         return _safe_load(self.path / f"best-{epoch:04d}.pt")["model"]
+
+    def best(self) -> dict[str, Any] | None:
+        """The newest best-weights file (model, config, vocab, epoch), or None."""
+        files = self._files("best")
+        return _safe_load(files[0][1]) if files else None
 
 
 def _mismatch(state: Any, fingerprint: str, data_sha256: str) -> str | None:

@@ -13,7 +13,7 @@ and ranges, optionally with a pruner on the per-epoch dev curve. Example::
     dropout = { low = 0.0, high = 0.5 }   # a range: tpe/random only
 
 Everything a user can get wrong becomes one `StudyFileError` line that starts with the file and names
-the key, e.g. ``studies/x.toml: search.lr: lr must be positive, got -1.0``. Every grid point (and for
+the key, e.g. ``studies/x.toml: search.lr: lr must be a finite positive number, got -1.0``. Every grid point (and for
 samplers, every corner of the space) is checked against `TrainConfig` when the file is read, so a bad
 value fails before the first trial instead of after 36 of them.
 

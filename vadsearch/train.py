@@ -214,12 +214,17 @@ def train(
     history: list[EpochResult] = []
     best_epoch, best_model = 0, None
     checkpoint = run.load(fingerprint, corpus.sha256) if run else None
+    if checkpoint and checkpoint["best_epoch"] > config.max_epochs:
+        # Trained further than this budget, and its best epoch lies beyond it: those weights are not
+        # what a run of max_epochs would have produced.
+        run.discard(f"their best epoch {checkpoint['best_epoch']} is beyond max_epochs {config.max_epochs}")
+        checkpoint = None
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         restore_rng(checkpoint["rng"])
-        history = [EpochResult.from_dict(h) for h in checkpoint["history"]]
+        history = [EpochResult.from_dict(h) for h in checkpoint["history"]][: config.max_epochs]
         best_epoch, best_model = checkpoint["best_epoch"], checkpoint["best_model"]
     resumed_from = len(history)
     for restored in history:

@@ -98,7 +98,8 @@ def _load_vectors(path: str, _mtime_ns: int, _size: int, vocab: Vocabulary, seed
     than the vocabulary does.
     """
     path = Path(path)
-    rows: dict[int, np.ndarray] = {}
+    exact: dict[int, np.ndarray] = {}
+    folded: dict[int, np.ndarray] = {}  # matched only after lowercasing: used where no exact row exists
     dim = None
     with _open_text(path) as lines:
         for number, line in enumerate(lines, start=1):
@@ -113,23 +114,24 @@ def _load_vectors(path: str, _mtime_ns: int, _size: int, vocab: Vocabulary, seed
                     continue
                 raise ConfigError(f"{path}, line {number}: expected a word and {dim} numbers")
             word = " ".join(parts[:-dim])  # some GloVe files hold words with spaces
-            index = vocab.stoi.get(word)
-            if index is None and word.lower() != word:
-                index = vocab.stoi.get(word.lower())
-            if index is None or index in rows:
+            index, table = vocab.stoi.get(word), exact
+            if index is None:
+                index, table = vocab.stoi.get(word.lower()), folded
+            if index is None or index < 2 or index in table:  # <pad> stays zero, <unk> stays random
                 continue
             try:
-                rows[index] = np.asarray(parts[-dim:], dtype=np.float32)
+                table[index] = np.asarray(parts[-dim:], dtype=np.float32)
             except ValueError:
                 raise ConfigError(f"{path}, line {number}: not a number in the vector of {word!r}") from None
     if not dim:
         raise ConfigError(f"word-vector file is empty: {path}")
+    rows = {**folded, **exact}
     rng = np.random.default_rng(seed)
     matrix = rng.normal(0.0, 0.1, size=(len(vocab), dim)).astype(np.float32)
     matrix[0] = 0.0
     for index, vector in rows.items():
         matrix[index] = vector
-    found = len(rows.keys() - {0})
-    missing = len(vocab) - 2 - len(rows.keys() - {0, 1})
+    found = len(rows)
+    missing = len(vocab) - 2 - found
     log.info("word vectors: %d of %d vocabulary words found in %s, %d missing", found, len(vocab) - 2, path, missing)
     return Embeddings(matrix, found, missing)

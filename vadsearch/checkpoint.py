@@ -122,10 +122,22 @@ class RunDirectory:
     def best_model(self, epoch: int) -> dict[str, torch.Tensor]:
         return _safe_load(self.path / f"best-{epoch:04d}.pt")["model"]
 
-    def best(self) -> dict[str, Any] | None:
-        """The newest best-weights file (model, config, vocab, epoch), or None."""
+    def best(self, epoch: int | None = None) -> dict[str, Any] | None:
+        """The best-weights file (model, config, vocab, epoch) of `epoch` when it exists, else the
+        newest one; None when there is none."""
+        if epoch is not None and (self.path / f"best-{epoch:04d}.pt").is_file():
+            return _safe_load(self.path / f"best-{epoch:04d}.pt")
         files = self._files("best")
         return _safe_load(files[0][1]) if files else None
+
+    def remove(self, kind: str, keep_newest: int = 0) -> list[Path]:
+        """Delete the `epoch` (resume state) or `best` (weights) files of the run but the `keep_newest`
+        newest; return what went."""
+        removed = []
+        for _, path in self._files(kind)[keep_newest:]:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        return removed
 
 
 def _mismatch(state: Any, fingerprint: str, data_sha256: str) -> str | None:

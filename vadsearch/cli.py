@@ -208,6 +208,9 @@ def worker(
     sets: SetOpt = None,
     heartbeat_interval: Annotated[int, typer.Option(help="Seconds between a running trial's heartbeats.")] = 10,
     grace_period: Annotated[int, typer.Option(help="Seconds without heartbeat before a trial counts as dead.")] = 60,
+    db_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait out an unreachable database before exiting (trial stays resumable).")
+    ] = 600.0,
     quiet: QuietOpt = False,
 ) -> None:
     """Create the study (or join it) and run its trials until it is finished.
@@ -233,7 +236,7 @@ def worker(
     spec = _load_spec(study_file, data, sets)
     options = WorkerOptions(storage=storage, artifacts=artifacts, device=device, n_trials=n_trials,
                             timeout=timeout, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                            progress=not quiet)
+                            db_outage_limit=db_timeout, progress=not quiet)
     summary = Worker(spec, options).run()
     states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(summary.states.items())) or "none"
     typer.echo(f"worker stopped ({summary.stopped}): ran {len(summary.trials)} trial(s): {states}")
@@ -392,6 +395,44 @@ def compare(
 
     opened = _open(storage)
     typer.echo(reports.render(reports.compare([reports.load(opened, _study_name(s)) for s in studies]), fmt))
+
+
+@app.command()
+def migrate(
+    source: Annotated[
+        str, typer.Argument(metavar="SOURCE_URL", help="Database to copy from, e.g. sqlite:///vadsearch.db.")
+    ],
+    target: Annotated[
+        Optional[str],
+        typer.Argument(metavar="TARGET_URL", help="Database to copy into. Default: $VADSEARCH_STORAGE, which keeps "
+                                                  "the password out of your shell history."),
+    ] = None,
+    studies: Annotated[
+        Optional[list[str]], typer.Option("--study", help="Copy only this study (repeatable). Default: every study.")
+    ] = None,
+) -> None:
+    """Copy studies, with every trial, to another database: the SQLite file → PostgreSQL move.
+
+    Stop the workers first. Trials that were running are copied as interrupted: the first worker on
+    the target queues them again, and they continue from their checkpoints. A study whose name the
+    target already has is refused, and nothing is written.
+
+    Example:
+
+      VADSEARCH_STORAGE=postgresql+psycopg://vad:PW@db-host/vadsearch vadsearch migrate sqlite:///vadsearch.db
+    """
+    _setup_logging(True)
+    from vadsearch.migrate import default_target, migrate as run
+    from vadsearch.storage import mask
+
+    target = default_target(target)
+    for copied in run(source, target, studies):
+        states = ", ".join(f"{n} {s.lower()}" for s, n in copied.states.items()) or "no trials"
+        typer.echo(f"copied {copied.name}: {copied.trials} trial(s) ({states})")
+        if copied.interrupted:
+            typer.echo(f"  {copied.interrupted} running trial(s) failed as interrupted: a worker on the target "
+                       "runs them again from their checkpoints")
+    typer.echo(f"from {mask(source)} to {mask(target)}")
 
 
 def main() -> None:

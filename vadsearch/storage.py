@@ -84,9 +84,11 @@ def open_storage(
     heartbeat_interval: int | None = None,
     grace_period: int | None = None,
     on_stale: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+    outage_limit: float | None = None,
 ) -> optuna.storages.RDBStorage:
     """Connect to the study store. With `create=False` (reports), a missing SQLite file is an error
-    instead of a new empty database."""
+    instead of a new empty database. With `outage_limit` (workers), calls wait out a database that
+    is unreachable for up to that many seconds (see reconnect.py)."""
     url = storage_url(url)
     path = sqlite_path(url)
     if path is not None:
@@ -104,20 +106,89 @@ def open_storage(
     from sqlalchemy.exc import SQLAlchemyError
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _schema_lock(url, path):
             # Heartbeats are "experimental" in Optuna 5; we depend on them knowingly (see DESIGN.md).
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
+            if outage_limit is None:
+                kind = optuna.storages.RDBStorage
+            else:
+                from vadsearch.reconnect import ReconnectingRDBStorage as kind
+            storage = kind(
                 url,
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period,
                 heartbeat_stale_trial_callback=on_stale,
             )
+            if path is not None and create:
+                _begin_immediate(storage.engine)
+            if outage_limit is not None:
+                storage.outage_limit = outage_limit
+            return storage
     except (SQLAlchemyError, ImportError) as exc:
         raise StorageError(f"cannot open {mask(url)}: {_first_line(scrub(str(exc), url))}") from None
     except RuntimeError as exc:  # Optuna's schema-version check
         raise StorageError(f"{mask(url)}: {_first_line(scrub(str(exc), url))}") from None
+
+
+@contextlib.contextmanager
+def _schema_lock(url: str, path: Path | None) -> Iterator[None]:
+    """Serialise opening the storage across processes. `RDBStorage()` creates Optuna's tables and then
+    inserts its version rows without any lock, so workers that open a fresh database at the same moment
+    collide ("UNIQUE constraint failed: alembic_version.version_num", "table studies already exists";
+    found by tests/test_concurrency.py with 16 workers). Opening an existing database is quick, so
+    holding the lock for every open costs little."""
+    if path is not None:
+        try:
+            handle = open(path.with_name(path.name + ".lock"), "a")
+        except OSError:  # a read-only directory: nothing can be created there, so nothing can collide
+            yield
+            return
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield  # closing the file releases the lock
+        return
+    if not url.startswith("postgresql"):
+        yield  # in-memory SQLite: one process
+        return
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:  # closing the session releases the advisory lock
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _lock_key("vadsearch:schema")})
+            yield
+    finally:
+        engine.dispose()
+
+
+def _begin_immediate(engine) -> None:
+    """Make every SQLite transaction take the write lock when it begins (`BEGIN IMMEDIATE`).
+
+    Optuna hands a WAITING trial to one worker by reading its state `FOR UPDATE` and setting it to
+    RUNNING. SQLite ignores `FOR UPDATE`, and Python's sqlite3 starts a transaction only at the first
+    write, so two workers could both read WAITING and both run the trial (found by
+    tests/test_concurrency.py: "Cannot tell a COMPLETE trial"). With the lock taken at BEGIN, the read
+    and the write are one atomic step; other workers wait up to the busy timeout. This is SQLAlchemy's
+    documented recipe for pysqlite transactions (docs: "Serializable isolation / Savepoints /
+    Transactional DDL").
+    """
+    from sqlalchemy import event
+
+    engine.dispose()  # connections opened while Optuna created its tables predate the hooks below
+
+    @event.listens_for(engine, "connect")
+    def _no_driver_begin(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None  # sqlite3 emits no BEGIN of its own: we do, below
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _lock_key(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
 def _first_line(text: str) -> str:

@@ -60,7 +60,11 @@ class WorkerOptions:
     grace_period: int = 60
     """A RUNNING trial whose heartbeat is older than this is stale: its worker is taken for dead."""
     max_stale_retries: int = 10
+    db_outage_limit: float = 600.0
+    """Seconds to wait out an unreachable database before exiting (the running trial stays resumable)."""
     progress: bool = True
+    keep: str = "best"
+    """What a completed trial leaves on disk: all, best or study-best (see vadsearch.retention)."""
 
     @property
     def poll_interval(self) -> float:
@@ -211,6 +215,8 @@ class Worker:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.summary = WorkerSummary(spec.name)
         self._corpus: Corpus | None = None
+        self._taken_over: int | None = None  # a trial another worker took over from this one
+        self._storage = None
 
     # --- before the first trial: everything that could fail for every trial fails here, once -----
     def preflight(self) -> None:
@@ -245,11 +251,12 @@ class Worker:
         for handler in optuna_root.handlers + logging.getLogger().handlers:
             handler.addFilter(_NoTracebacks())
         opts = self.options
-        storage = open_storage(
+        storage = self._storage = open_storage(
             storage_url(opts.storage),
             heartbeat_interval=opts.heartbeat_interval,
             grace_period=opts.grace_period,
             on_stale=lambda study, trial: reconcile(study, self.spec, opts.max_stale_retries),
+            outage_limit=opts.db_outage_limit,
         )
         study = open_study(self.spec, storage, opts.max_stale_retries, self._corpus.sha256)
         started = time.monotonic()
@@ -282,7 +289,23 @@ class Worker:
                     optuna.storages.fail_stale_trials(study)
                     time.sleep(opts.poll_interval)
                     continue
-            study.optimize(self._objective, n_trials=1, catch=(Exception,), callbacks=[self._record])
+            self._taken_over = None
+            try:
+                study.optimize(self._objective, n_trials=1, catch=(Exception,), callbacks=[self._record])
+            except Exception as exc:
+                gave_up = getattr(self._storage, "gave_up", "")
+                if gave_up:
+                    # Optuna 5's _run_trial turns a storage failure during its final bookkeeping into
+                    # an UnboundLocalError of its own; the cause is the outage.
+                    from vadsearch.reconnect import DatabaseUnreachable
+
+                    raise DatabaseUnreachable(gave_up) from None
+                if not (isinstance(exc, ValueError) and self._taken_over is not None):
+                    raise
+                # Optuna refused to finish a trial that another worker had already failed as stale
+                # and requeued: that worker's result stands, ours is dropped.
+                log.warning("trial %d was taken over by another worker while this one could not reach the "
+                            "database; its result here is not recorded", self._taken_over)
 
     def _record(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if not trial.user_attrs.get("orphan"):
@@ -293,6 +316,7 @@ class Worker:
     def _objective(self, trial: optuna.Trial) -> float:
         import optuna
 
+        from vadsearch.reconnect import DatabaseUnreachable
         from vadsearch.train import train
 
         if self.spec.sampler == "grid" and "point" not in trial.user_attrs:
@@ -309,16 +333,29 @@ class Worker:
         trial.set_user_attr("checkpoint_dir", str(run_dir))
         log.info("trial %d: %s", trial.number, point_key(params))
 
+        restored = 0
+
         def on_epoch(epoch) -> None:
+            nonlocal restored
             trial.report(epoch.dev.mse, epoch.epoch)
             trial.set_user_attr("epochs_done", epoch.epoch)
-            if not epoch.restored and trial.should_prune():
+            if epoch.restored:
+                restored += 1
+                return
+            if epoch.epoch == restored + 1:
+                trial.set_user_attr("resumed_from", restored)  # known now, not only if the trial finishes
+            if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch.epoch} (dev {epoch.dev.mse:.4f})")
 
         try:
             result = train(config, self._corpus, run_dir=run_dir, device=self.options.device,
                            on_epoch=on_epoch, progress=self.options.progress)
-        except optuna.TrialPruned:
+            self._record_result(trial, result)
+        except (optuna.TrialPruned, DatabaseUnreachable):
+            raise
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Failed as stale by another worker while we could not reach the database: stop here.
+            self._taken_over = trial.number
             raise
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
@@ -327,6 +364,16 @@ class Worker:
             reason = " ".join(str(exc).split()) or type(exc).__name__
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {reason}"[:500])
             raise
+
+        # --- retention: the finished run's epoch checkpoints (and, with study-best, other runs' weights) ---
+        from vadsearch.retention import retain
+
+        retain(trial.study, self.options.keep, trial_number=trial.number, run_dir=run_dir,
+               dev_mse=result.dev.mse, root=self.options.artifacts / self.spec.name)
+        return result.dev.mse
+
+    @staticmethod
+    def _record_result(trial: optuna.Trial, result) -> None:
         for key, value in {
             "best_epoch": result.best_epoch,
             "epochs_done": len(result.history),
@@ -338,4 +385,3 @@ class Worker:
             "seconds": result.seconds,
         }.items():
             trial.set_user_attr(key, value)
-        return result.dev.mse

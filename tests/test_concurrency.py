@@ -1,0 +1,97 @@
+"""Many workers at once: 16 `vadsearch worker` processes started within one second on one 32-point
+grid, on SQLite and on the real PostgreSQL. Every point finishes exactly once, no trial fails, every
+worker exits 0, and no worker shows "database is locked" (or any other traceback) to its user.
+
+The objective is trivial on purpose (the constant baseline: no training), so the workers spend their
+time racing for the queue and the database, which is what this test is about.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search_helpers import POSTGRES_URL, points_finished
+from vadsearch.errors import StorageError
+from vadsearch.storage import open_storage
+
+pytestmark = pytest.mark.slow
+
+WORKERS = 16
+POINTS = 32
+FORBIDDEN = ("database is locked", "Traceback", "OperationalError")
+
+
+def write_grid(path: Path, name: str, data: Path) -> Path:
+    seeds = ", ".join(str(s) for s in range(POINTS))
+    path.write_text(
+        f'[study]\nname = "{name}"\nsampler = "grid"\n\n[data]\npath = "{data}"\n\n'
+        f'[train]\nmodel = "baseline"\n\n[search]\nseed = [{seeds}]\n'
+    )
+    return path
+
+
+def run_workers(study_file: Path, storage: str, cwd: Path) -> tuple[list[int], list[str], float]:
+    """Start WORKERS workers back to back (within one second) and wait for all of them."""
+    command = [sys.executable, "-m", "vadsearch.cli", "worker", str(study_file), "--storage", storage,
+               "--device", "cpu", "-q", "--artifacts", str(cwd / "art")]
+    started = time.monotonic()
+    processes = [subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for _ in range(WORKERS)]
+    spread = time.monotonic() - started
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    return [p.returncode for p in processes], outputs, spread
+
+
+def check(study: optuna.Study, codes: list[int], outputs: list[str], spread: float, backend: str) -> None:
+    finished = points_finished(study)
+    trials = study.get_trials(deepcopy=False)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    orphans = sum(bool(t.user_attrs.get("orphan")) for t in trials)
+    duplicates = sum(n - 1 for n in finished.values())
+    lock_errors = sum(out.count("database is locked") for out in outputs)
+    print(f"\n[concurrency {backend}] workers={WORKERS} started_within={spread:.2f}s points={POINTS} "
+          f"finished={len(finished)} duplicates={duplicates} failed={len(failed)} orphans={orphans} "
+          f"lock_errors={lock_errors} exit_codes={sorted(set(codes))}")
+    assert spread < 1.0, f"the workers did not start within one second ({spread:.2f}s)"
+    for index, (code, out) in enumerate(zip(codes, outputs)):
+        assert code == 0, f"worker {index} exited {code}:\n{out}"
+        for text in FORBIDDEN:
+            assert text not in out, f"worker {index} printed {text!r}:\n{out}"
+    assert len(finished) == POINTS and duplicates == 0, finished
+    assert failed == [], [(t.number, t.user_attrs) for t in failed]
+    # Orphans (a worker asked for a trial when no point was left waiting) are pruned, never complete.
+    assert all(t.state == TrialState.PRUNED for t in trials if t.user_attrs.get("orphan"))
+
+
+def test_sixteen_workers_on_sqlite(tmp_path, tiny_csv):
+    study_file = write_grid(tmp_path / "many.toml", "many", tiny_csv)
+    url = f"sqlite:///{tmp_path}/x.db"
+    codes, outputs, spread = run_workers(study_file, url, tmp_path)
+    study = optuna.load_study(study_name="many", storage=open_storage(url, create=False))
+    check(study, codes, outputs, spread, "sqlite")
+
+
+@pytest.mark.postgres
+def test_sixteen_workers_on_postgres(tmp_path, tiny_csv):
+    try:
+        storage = open_storage(POSTGRES_URL)
+    except StorageError as exc:
+        pytest.skip(f"no PostgreSQL: {exc}")
+    name = f"many-{uuid.uuid4().hex[:8]}"
+    study_file = write_grid(tmp_path / "many.toml", name, tiny_csv)
+    try:
+        codes, outputs, spread = run_workers(study_file, POSTGRES_URL, tmp_path)
+        check(optuna.load_study(study_name=name, storage=storage), codes, outputs, spread, "postgres")
+    finally:
+        try:
+            optuna.delete_study(study_name=name, storage=storage)
+        except KeyError:
+            pass

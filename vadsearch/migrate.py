@@ -1,0 +1,130 @@
+"""Copy studies between storages (SQLite file → PostgreSQL, usually) without losing a trial.
+
+Optuna's `optuna.copy_study` does the copying. It creates the study with the same directions, copies
+the study's user and system attributes, then re-creates every trial from its `FrozenTrial`: state,
+value, params with their distributions, user attributes, system attributes (an enqueued trial's
+`fixed_params`, the grid sampler's ids), per-epoch intermediate values and start/complete times. Trial
+numbers come out the same because trials are added in order; trial ids are new.
+
+What it leaves out, and what this module adds:
+
+- Heartbeats are not copied. A RUNNING trial (its worker was stopped, or killed, before the copy)
+  would arrive as RUNNING with no heartbeat row, and Optuna's stale-trial check skips such a trial for
+  ever (`_get_stale_trial_ids` ignores trials without a heartbeat): its configuration would count as
+  "in hand" and the study would never finish. We fail it as `interrupted`, which is what Ctrl-C
+  leaves, so that the first worker on the target queues the configuration again without spending a
+  retry, and the retry continues from the configuration's epoch checkpoint.
+- It refuses a duplicate name only after it has connected and created nothing; we check every name
+  before copying the first study, so a refused migration writes nothing.
+- A copy that fails halfway leaves a half-copied study behind; we delete it, so that the same
+  command can be run again.
+- The target study is written under the same study lock that workers take to create or join a study,
+  so a worker started on the target at the same moment waits for the whole copy instead of queuing
+  grid points that the copy is about to bring.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from vadsearch.errors import StorageError
+from vadsearch.storage import mask, open_storage, scrub, study_lock
+
+log = logging.getLogger(__name__)
+
+INTERRUPTED_ATTR = "interrupted"  # the worker's mark for a trial to queue again without spending a retry
+MIGRATED_ATTR = "migrated_running"  # why the copy of a RUNNING trial is a FAIL: it was running in the source
+
+
+@dataclass
+class MigratedStudy:
+    name: str
+    trials: int
+    states: dict[str, int] = field(default_factory=dict)
+    """Trials by state in the target, after running trials were failed as interrupted."""
+    interrupted: int = 0
+    """Trials that were RUNNING in the source: failed as interrupted, to be resumed by a worker."""
+
+
+def migrate(source_url: str, target_url: str, studies: Sequence[str] | None = None) -> list[MigratedStudy]:
+    """Copy `studies` (default: every study of the source) from one storage to another.
+
+    Raises `StorageError`, before anything is written, when a study is missing from the source or
+    already in the target.
+    """
+    import optuna
+
+    source = open_storage(source_url, create=False)
+    target = open_storage(target_url)
+    available = optuna.get_all_study_names(source)
+    names = list(dict.fromkeys(studies)) if studies else sorted(available)
+    if not names:
+        raise StorageError(f"no studies in {mask(source_url)}: nothing to migrate")
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise StorageError(f"no study named {', '.join(map(repr, missing))} in {mask(source_url)}; "
+                           f"studies there: {', '.join(sorted(available)) or 'none'}")
+    taken = sorted(set(names) & set(optuna.get_all_study_names(target)))
+    if taken:
+        raise StorageError(f"{mask(target_url)} already has a study named {', '.join(map(repr, taken))}; "
+                           "nothing was copied: delete it there (optuna delete-study) or migrate the others "
+                           "with --study")
+    return [_copy(source, target, name, target_url) for name in names]
+
+
+def _copy(source, target, name: str, target_url: str) -> MigratedStudy:
+    import optuna
+
+    with study_lock(target, name):
+        try:
+            optuna.copy_study(from_study_name=name, from_storage=source, to_storage=target)
+            interrupted = _interrupt_running(target, name)
+        except optuna.exceptions.DuplicatedStudyError:
+            raise StorageError(f"{mask(target_url)} got a study named {name!r} while we were copying; "
+                               "nothing of ours was written for it") from None
+        except BaseException as exc:
+            _delete_quietly(target, name)
+            if isinstance(exc, Exception):
+                reason = " ".join(scrub(str(exc), target_url).split()[:40]) or type(exc).__name__
+                raise StorageError(f"copying study {name!r} to {mask(target_url)} failed, and its partial "
+                                   f"copy was deleted: {reason}") from None
+            raise
+    study = optuna.load_study(study_name=name, storage=target, sampler=optuna.samplers.RandomSampler())
+    trials = study.get_trials(deepcopy=False)
+    states = dict(sorted(Counter(t.state.name for t in trials).items()))
+    log.info("copied study %s to %s: %d trial(s)", name, mask(target_url), len(trials))
+    return MigratedStudy(name, len(trials), states, interrupted)
+
+
+def _interrupt_running(storage, name: str) -> int:
+    """Fail the copies of RUNNING trials as interrupted; return how many there were."""
+    from optuna.trial import TrialState
+
+    study_id = storage.get_study_id_from_name(name)
+    running = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in running:
+        storage.set_trial_user_attr(trial._trial_id, INTERRUPTED_ATTR, True)
+        storage.set_trial_user_attr(trial._trial_id, MIGRATED_ATTR, True)
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    return len(running)
+
+
+def _delete_quietly(storage, name: str) -> None:
+    import optuna
+
+    try:
+        optuna.delete_study(study_name=name, storage=storage)
+    except Exception:  # noqa: BLE001 — nothing was created, or the database is gone: the error above says why
+        pass
+
+
+def default_target(target_url: str | None) -> str:
+    """TARGET_URL, else $VADSEARCH_STORAGE; never the SQLite default, which is usually the source."""
+    url = target_url or os.environ.get("VADSEARCH_STORAGE")
+    if not url:
+        raise StorageError("no target database: pass TARGET_URL or set VADSEARCH_STORAGE")
+    return url

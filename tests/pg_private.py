@@ -40,6 +40,11 @@ class PrivateServer:
         self._as_postgres("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
         return self
 
+    def allow(self, cidr: str) -> None:
+        """Let clients from `cidr` in without a password (initdb trusts only local ones)."""
+        with open(self.data / "pg_hba.conf", "a") as hba:
+            hba.write(f"host all all {cidr} trust\n")
+
     def start(self) -> None:
         options = f"-p {self.port} -k {self.root} -c listen_addresses={self.listen} -c fsync=off"
         self._as_postgres("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-o", options, "-w", "start")

@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 DEFAULT_STORAGE = "sqlite:///vadsearch.db"
 SQLITE_BUSY_TIMEOUT_S = 60  # writers queue behind each other instead of failing with "database is locked"
 POOL_RECYCLE_S = 300  # PostgreSQL servers and proxies drop idle connections; replace them before that
+PG_CONNECT_ARGS = {
+    "connect_timeout": 10,  # seconds
+    "keepalives": 1, "keepalives_idle": 15, "keepalives_interval": 5, "keepalives_count": 3,
+    "tcp_user_timeout": 20_000,  # ms: unacknowledged data this long means the peer is gone
+}
 
 
 def storage_url(url: str | None = None) -> str:
@@ -99,7 +104,9 @@ def open_storage(
         engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
     else:
         # pre-ping: a connection that died with a database restart is replaced, not handed out.
-        engine_kwargs = {"pool_pre_ping": True, "pool_recycle": POOL_RECYCLE_S}
+        # TCP timeouts: behind a cut network a query would otherwise wait for the kernel's
+        # retransmissions (many minutes) instead of failing into the reconnect loop (reconnect.py).
+        engine_kwargs = {"pool_pre_ping": True, "pool_recycle": POOL_RECYCLE_S, "connect_args": PG_CONNECT_ARGS}
     import warnings
 
     import optuna

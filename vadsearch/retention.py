@@ -56,7 +56,8 @@ def retain(
 ) -> list[Path]:
     """Apply `keep` after trial `trial_number` finished training in `run_dir` with `dev_mse`.
 
-    Called by the worker before the trial is told COMPLETE, so the trial is passed in explicitly.
+    Called by the worker once the trial is stored as COMPLETE: a worker killed before that must find
+    the epoch checkpoints when the trial is retried.
     `root` is this worker's directory of the study's runs (`ARTIFACTS/STUDY`): other trials' run
     directories are found there by name, so nothing outside it is ever deleted. A file that cannot be
     deleted is logged and left; the trial still completes.
@@ -77,7 +78,7 @@ def retain(
 
 
 def _sweep(study: optuna.Study, trial_number: int, run_dir: Path, dev_mse: float, root: Path) -> list[Path]:
-    """Delete the weights of every settled run of the study but the best one."""
+    """Delete the checkpoints of every settled run of the study, and the weights of all but the best one."""
     from optuna.trial import TrialState
 
     candidates = [(_rank(dev_mse), trial_number, run_dir.name)]
@@ -99,9 +100,9 @@ def _sweep(study: optuna.Study, trial_number: int, run_dir: Path, dev_mse: float
     best = min(candidates)[2]
     removed = []
     for name in dict.fromkeys([run_dir.name, *settled]):
-        if name != best and name not in in_use:
+        if name not in in_use:
             run = RunDirectory(root / name)
-            removed += run.remove("epoch") + run.remove("best")
+            removed += run.remove("epoch") + run.remove("best", keep_newest=1 if name == best else 0)
     return removed
 
 

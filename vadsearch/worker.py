@@ -308,9 +308,16 @@ class Worker:
                             "database; its result here is not recorded", self._taken_over)
 
     def _record(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if not trial.user_attrs.get("orphan"):
-            self.summary.trials.append(trial.number)
-            self.summary.states[trial.state.name] += 1
+        """After Optuna stored the trial's final state (a kill before that must find the checkpoints)."""
+        if trial.user_attrs.get("orphan"):
+            return
+        self.summary.trials.append(trial.number)
+        self.summary.states[trial.state.name] += 1
+        if trial.state.name == "COMPLETE":
+            from vadsearch.retention import retain
+
+            retain(study, self.options.keep, trial_number=trial.number, run_dir=trial.user_attrs["checkpoint_dir"],
+                   dev_mse=trial.value, root=self.options.artifacts / self.spec.name)
 
     # --- one trial ---------------------------------------------------------------------------------
     def _objective(self, trial: optuna.Trial) -> float:
@@ -364,12 +371,6 @@ class Worker:
             reason = " ".join(str(exc).split()) or type(exc).__name__
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {reason}"[:500])
             raise
-
-        # --- retention: the finished run's epoch checkpoints (and, with study-best, other runs' weights) ---
-        from vadsearch.retention import retain
-
-        retain(trial.study, self.options.keep, trial_number=trial.number, run_dir=run_dir,
-               dev_mse=result.dev.mse, root=self.options.artifacts / self.spec.name)
         return result.dev.mse
 
     @staticmethod

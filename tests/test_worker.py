@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 
+import numpy as np
 import optuna
 import pytest
 from optuna.trial import TrialState
 
 import vadsearch.train
 from search_helpers import points_finished, write_study
+from vadsearch.data import load_corpus
 from vadsearch.errors import StudyFileError
 from vadsearch.storage import open_storage
 from vadsearch.studyfile import load_study_file
@@ -166,3 +169,46 @@ def test_study_attrs_describe_the_study(setup):
 
     assert described["data_sha256"] == load_corpus(spec.data_path).sha256
     assert json.loads(json.dumps(described)) == described
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes", "other configuration"])
+def test_a_damaged_checkpoint_is_reported_once_and_the_trial_falls_back(setup, monkeypatch, caplog, tmp_path, damage):
+    spec, options = setup('hidden_size = [4]\n', max_epochs=3)
+    real_train = vadsearch.train.train
+
+    def stop_after_two(config, corpus, **kwargs):
+        on_epoch = kwargs.pop("on_epoch")
+
+        def stop(epoch):
+            on_epoch(epoch)
+            if epoch.epoch == 2:
+                raise KeyboardInterrupt
+
+        return real_train(config, corpus, on_epoch=stop, **kwargs)
+
+    monkeypatch.setattr(vadsearch.train, "train", stop_after_two)
+    Worker(spec, options).run()
+    monkeypatch.setattr(vadsearch.train, "train", real_train)
+    run_dir = next((tmp_path / "art" / "s").iterdir())
+    newest = run_dir / "epoch-0002.pt"
+    if damage == "truncated":
+        newest.write_bytes(newest.read_bytes()[:100])
+    elif damage == "random bytes":
+        newest.write_bytes(np.random.default_rng(0).bytes(4096))
+    else:
+        other = real_train(spec.config_for({"hidden_size": 8}).replace(max_epochs=2), load_corpus(spec.data_path),
+                           run_dir=tmp_path / "other")
+        assert other.best_epoch
+        for name in ("epoch-0001.pt", "epoch-0002.pt"):
+            (run_dir / name).write_bytes((tmp_path / "other" / name).read_bytes())
+
+    caplog.set_level(logging.WARNING, logger="vadsearch.checkpoint")
+    assert Worker(spec, options).run().stopped == "finished"
+    rejected = [r for r in caplog.records if "rejected" in r.getMessage()]
+    done = load(options).get_trials(states=(TrialState.COMPLETE,))[0]
+    if damage == "other configuration":
+        assert len(rejected) == 2 and done.user_attrs["resumed_from"] == 0  # both foreign: back to epoch 0
+    else:
+        assert len(rejected) == 1 and done.user_attrs["resumed_from"] == 1  # the previous good checkpoint
+    uninterrupted = real_train(spec.config_for({"hidden_size": 4}), load_corpus(spec.data_path))
+    assert [done.intermediate_values[e] for e in (1, 2, 3)] == [h.dev.mse for h in uninterrupted.history]

@@ -212,3 +212,32 @@ def test_a_damaged_checkpoint_is_reported_once_and_the_trial_falls_back(setup, m
         assert len(rejected) == 1 and done.user_attrs["resumed_from"] == 1  # the previous good checkpoint
     uninterrupted = real_train(spec.config_for({"hidden_size": 4}), load_corpus(spec.data_path))
     assert [done.intermediate_values[e] for e in (1, 2, 3)] == [h.dev.mse for h in uninterrupted.history]
+
+
+def test_missing_word_vectors_stop_the_worker_before_any_trial(setup, monkeypatch, tmp_path):
+    import urllib.error
+    import urllib.request
+
+    from vadsearch.errors import ConfigError
+
+    monkeypatch.setenv("VADSEARCH_CACHE", str(tmp_path / "empty-cache"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    spec, options = setup('embedding = ["internal", "external"]\nhidden_size = [4]', vectors="glove.6B.300d")
+    with pytest.raises(ConfigError, match="glove.6B.300d unavailable.*--vectors PATH"):
+        Worker(spec, options).run()
+    assert not (tmp_path / "s.db").exists()  # said before the first trial, not 36 failures later
+
+
+def test_external_vectors_from_a_file(setup, tmp_path):
+    vectors = tmp_path / "vectors.txt"
+    vectors.write_text("".join(f"{w} {i * 0.1:.1f} 0.5 -0.5\n" for i, w in enumerate(["happy", "sad", "the", "dog"])))
+    spec, options = setup('embedding = ["internal", "external"]\nhidden_size = [4]', vectors=str(vectors))
+    assert Worker(spec, options).run().stopped == "finished"
+    study = load(options)
+    assert len(points_finished(study)) == 2
+    external = [t for t in study.trials if t.params["embedding"] == "external"][0]
+    assert external.user_attrs["config"]["vectors"] == str(vectors)

@@ -13,11 +13,11 @@ import optuna
 import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
+from search_helpers import POSTGRES_URL, points_finished, write_study
 from typer.testing import CliRunner
 
 import vadsearch.migrate
 import vadsearch.train
-from search_helpers import POSTGRES_URL, points_finished, write_study
 from vadsearch.cli import app
 from vadsearch.errors import StorageError
 from vadsearch.migrate import migrate
@@ -74,10 +74,10 @@ def hand_made(tmp_path):
                                         user_attrs={"point": '{"lr": 0.01}', "best_epoch": 2}))
     study.add_trial(optuna.create_trial(state=TrialState.FAIL, params={"lr": 0.1}, distributions=distribution,
                                         user_attrs={"point": '{"lr": 0.1}', "fail_reason": "TrainingError: NaN"}))
-    study.enqueue_trial({"lr": 0.001}, user_attrs={"point": '{"lr": 0.001}'})
     running = study.ask()  # a worker that was killed mid-trial leaves this behind
     running.set_user_attr("point", '{"lr": 0.003}')
     study._storage.set_trial_intermediate_value(running._trial_id, 1, 0.08)
+    study.enqueue_trial({"lr": 0.001}, user_attrs={"point": '{"lr": 0.001}'})
     return url
 
 
@@ -137,8 +137,8 @@ def test_cli_masks_passwords_and_reports_running_trials(hand_made, tmp_path, mon
     assert again.output.count("\n") == 1 and again.output.startswith("error: ")
 
     missing = runner.invoke(app, ["migrate", hand_made])
-    assert (missing.exit_code, missing.output) == (3, "error: no target database: pass TARGET_URL or set "
-                                                       "VADSEARCH_STORAGE\n")
+    assert missing.exit_code == 3
+    assert missing.output == "error: no target database: pass TARGET_URL or set VADSEARCH_STORAGE\n"
 
 
 # ----------------------------------------------------------------------- slow, the real PostgreSQL
@@ -238,7 +238,6 @@ def test_sqlite_studies_move_to_postgres_and_the_half_finished_one_finishes_ther
     assert sorted(resumed[0].intermediate_values) == [1, 2, 3]
 
 
-@pytest.mark.slow
 @pytest.mark.postgres
 def test_cli_never_prints_the_password(hand_made, postgres, pg_names):
     # The test server trusts local connections, so any password is accepted and must never be shown.

@@ -18,13 +18,34 @@ from typing import Any
 
 import torch
 
-from vadsearch.errors import CheckpointError
+from vadsearch.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 KEEP = 2
 _NAME = re.compile(r"^(epoch|best)-(\d{4,})\.pt$")
+
+
+def run_directory(root: str | Path, study_name: str, fingerprint: str) -> Path:
+    """`root/<study name>/<fingerprint>`: where one configuration of a study keeps its checkpoints.
+
+    Each part must be one plain path component, and the resolved directory must lie inside the resolved
+    root (a symlink pointing out of it is refused too), so no name can make a worker write or delete
+    files elsewhere. Study names are already checked by studyfile.py; this is the last check before a
+    path reaches the disk. The path is returned unresolved, as the user wrote the root: it is stored on
+    the trial, and workers on other machines may mount the root elsewhere.
+    """
+    for label, part in (("study name", study_name), ("configuration fingerprint", fingerprint)):
+        if not isinstance(part, str) or part in ("", ".", "..") or any(c in part for c in "/\\\0"):
+            raise ConfigError(f"{label} {part!r} cannot name a directory inside the artifact root")
+    root = Path(root)
+    path = root / study_name / fingerprint
+    resolved_root, resolved = root.resolve(), path.resolve()
+    if resolved == resolved_root or not resolved.is_relative_to(resolved_root):
+        raise ConfigError(f"run directory {path} resolves outside the artifact root {resolved_root}; "
+                          "remove the symlink or choose another --artifacts directory")
+    return path
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -69,7 +90,10 @@ class RunDirectory:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise CheckpointError(f"cannot create checkpoint directory {self.path}: {exc.strerror or exc}") from None
+            raise CheckpointError(
+                f"cannot create checkpoint directory {self.path}: {exc.strerror or exc}; "
+                "point the artifact directory at a writable place"
+            ) from None
         epoch = state["epoch"]
         if best_model is not None:
             # Written before the epoch checkpoint that names it, so no checkpoint points at a missing file.

@@ -65,6 +65,11 @@ SetOpt = Annotated[
 ]
 FormatOpt = Annotated[str, typer.Option("--format", "-f", help="table, markdown, csv or json.")]
 StudyArg = Annotated[str, typer.Argument(help="Study name, or the study file that defines it.")]
+KeepOpt = Annotated[
+    str,
+    typer.Option("--keep", help="What a completed trial leaves on disk: all (epoch checkpoints too), best (its best "
+                                "weights) or study-best (only the study's best trial's weights)."),
+]
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -211,6 +216,7 @@ def worker(
     db_timeout: Annotated[
         float, typer.Option(help="Seconds to wait out an unreachable database before exiting (trial stays resumable).")
     ] = 600.0,
+    keep: KeepOpt = "best",
     quiet: QuietOpt = False,
 ) -> None:
     """Create the study (or join it) and run its trials until it is finished.
@@ -233,10 +239,13 @@ def worker(
 
     optuna.logging.set_verbosity(logging.WARNING if quiet else logging.INFO)
 
+    from vadsearch.retention import check_keep
+
+    check_keep(keep)
     spec = _load_spec(study_file, data, sets)
     options = WorkerOptions(storage=storage, artifacts=artifacts, device=device, n_trials=n_trials,
                             timeout=timeout, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                            db_outage_limit=db_timeout, progress=not quiet)
+                            db_outage_limit=db_timeout, progress=not quiet, keep=keep)
     summary = Worker(spec, options).run()
     states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(summary.states.items())) or "none"
     typer.echo(f"worker stopped ({summary.stopped}): ran {len(summary.trials)} trial(s): {states}")
@@ -262,6 +271,7 @@ def launch(
     device: DeviceOpt = "auto",
     sets: SetOpt = None,
     log_dir: Annotated[Path, typer.Option(help="One log file per worker goes here.")] = Path("vadsearch-logs"),
+    keep: KeepOpt = "best",
 ) -> None:
     """Start N workers on this machine (round-robin over --gpus) and show their combined progress.
 
@@ -273,11 +283,15 @@ def launch(
     from vadsearch import launch as launcher
     from vadsearch.storage import storage_url
 
+    from vadsearch.retention import check_keep
+
+    check_keep(keep)
     spec = _load_spec(study_file, data, sets)  # fail here, once, rather than in N workers
     url = storage_url(storage)
     args = ["--storage", url, "--artifacts", str(artifacts), "--device", device]
     args += ["--data", str(data)] if data else []
     args += ["--timeout", str(timeout)] if timeout is not None else []
+    args += ["--keep", keep]
     for item in sets or []:
         args += ["--set", item]
     plan = launcher.LaunchPlan(study_file, workers, launcher.parse_gpus(gpus), tuple(args), log_dir)
@@ -422,17 +436,228 @@ def migrate(
       VADSEARCH_STORAGE=postgresql+psycopg://vad:PW@db-host/vadsearch vadsearch migrate sqlite:///vadsearch.db
     """
     _setup_logging(True)
-    from vadsearch.migrate import default_target, migrate as run
+    from vadsearch import migrate as migration
     from vadsearch.storage import mask
 
-    target = default_target(target)
-    for copied in run(source, target, studies):
+    target = migration.default_target(target)
+    for copied in migration.migrate(source, target, studies):
         states = ", ".join(f"{n} {s.lower()}" for s, n in copied.states.items()) or "no trials"
         typer.echo(f"copied {copied.name}: {copied.trials} trial(s) ({states})")
         if copied.interrupted:
             typer.echo(f"  {copied.interrupted} running trial(s) failed as interrupted: a worker on the target "
                        "runs them again from their checkpoints")
     typer.echo(f"from {mask(source)} to {mask(target)}")
+
+
+# Results: plots, dashboard, predictions, export, the report reproduced (vadsearch.plots, .dashboard,
+# .predict, .reproduce).
+FindArtifactsOpt = Annotated[
+    Optional[Path],
+    typer.Option("--artifacts", help="The workers' artifact directory. Default: each trial's stored checkpoint_dir "
+                                     "(relative to the directory the worker ran in)."),
+]
+
+
+def _quiet_models() -> None:
+    """No "Loading weights" bars from transformers on stderr: the output is the result."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+@app.command()
+def plot(
+    study: StudyArg,
+    kind: Annotated[str, typer.Option("--kind", "-k", help="curves, history, importance, parallel, slice or scatter.")]
+    = "curves",
+    group_by: Annotated[
+        Optional[str],
+        typer.Option(help="curves: one line per value of this parameter (its best trial); `trial`: one line per "
+                          "trial. Default: the study's only searched parameter, else one line per trial."),
+    ] = None,
+    split: Annotated[str, typer.Option(help="scatter: dev, or test (keep test for the final report).")] = "dev",
+    out: Annotated[Path, typer.Option(help="Directory for STUDY-KIND.png and STUDY-KIND.html.")] = Path("plots"),
+    storage: StorageOpt = None,
+    artifacts: FindArtifactsOpt = None,
+    data: DataOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Draw a figure of a study as a PNG and a self-contained interactive HTML file.
+
+    curves: dev MSE per epoch (the report's freezing figure: --group-by trainable_layers); history:
+    best dev MSE over trials; importance: fANOVA parameter importances; parallel / slice: dev MSE by
+    parameter; scatter: the best model's predicted vs gold V, A, D on dev.
+
+    Examples:
+
+      vadsearch plot bert-freeze --kind curves --group-by trainable_layers
+
+      vadsearch plot lstm --kind importance --out figures/
+    """
+    _setup_logging(True)
+    _quiet_models()
+    from vadsearch import plots
+    from vadsearch import report as reports
+
+    loaded = reports.load(_open(storage), _study_name(study))
+    if kind == "curves" and group_by is None:
+        group_by = plots.default_group(loaded)
+    figure = plots.figure(loaded, kind, group_by=None if group_by == "trial" else group_by, split=split,
+                          artifacts=artifacts, data=data, device=device)
+    for path in figure.save(out):
+        typer.echo(str(path))
+
+
+@app.command()
+def dashboard(
+    storage: StorageOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; keep the loopback default unless everyone who "
+                                           "can reach the address may edit and delete studies.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+) -> None:
+    """Start optuna-dashboard on the study store (Ctrl-C stops it).
+
+    It shows every study, its trials, parameters, states and user attributes (dev and test scores per
+    dimension, best epoch, checkpoint_dir), the per-epoch dev curves and Optuna's plots. It does not list
+    checkpoint files: optuna-dashboard shows only artifacts uploaded through optuna.artifacts, and
+    vadsearch keeps checkpoints as plain files (see each trial's checkpoint_dir; use `vadsearch plot`,
+    `predict` and `export-model` on them).
+
+    Example: vadsearch dashboard --port 8080   (then open http://127.0.0.1:8080/)
+    """
+    _setup_logging(False)
+    from vadsearch.dashboard import serve
+
+    typer.echo(f"dashboard on http://{host}:{port}/ (Ctrl-C stops it)", err=True)
+    serve(storage, host=host, port=port)
+
+
+@app.command()
+def predict(
+    study: Annotated[str, typer.Argument(help="Study name (its best trial's model), or a directory written by "
+                                              "export-model.")],
+    texts: Annotated[Optional[list[str]], typer.Argument(help="Sentences to rate.")] = None,
+    file: Annotated[
+        Optional[Path], typer.Option("--file", help="One sentence per line, or a .csv with a `text` column; - is stdin.")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table, csv or json.")] = "table",
+    batch_size: Annotated[Optional[int], typer.Option(help="Sentences per batch. Default: the run's eval batch.")]
+    = None,
+    storage: StorageOpt = None,
+    artifacts: FindArtifactsOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Rate sentences with the best model of a study: V, A and D on EmoBank's 1-5 scale, one row each.
+
+    Examples:
+
+      vadsearch predict lstm "What a wonderful day." "I am so tired of all this."
+
+      vadsearch predict bert --file sentences.csv --format csv > ratings.csv
+    """
+    _setup_logging(True)
+    _quiet_models()
+    from vadsearch import predict as predictions
+    from vadsearch import report as reports
+    from vadsearch.errors import ConfigError
+
+    if fmt not in ("table", "markdown", "csv", "json"):
+        raise ConfigError(f"--format must be table, csv or json; got {fmt!r}")
+    sentences = list(texts or []) + (predictions.read_texts(file) if file is not None else [])
+    if not sentences:
+        raise ConfigError("nothing to rate: give sentences as arguments or --file FILE")
+    if predictions.is_exported(study):
+        model = predictions.load_exported(study, device=device)
+    else:
+        loaded = reports.load(_open(storage), _study_name(study))
+        model = predictions.load_best(loaded, artifacts=artifacts, device=device)
+    rated = predictions.frame(sentences, model.predict(sentences, batch_size=batch_size))
+    typer.echo(reports.render(rated, fmt), nl=False)
+
+
+@app.command("export-model")
+def export_model(
+    study: StudyArg,
+    directory: Annotated[Path, typer.Argument(help="A new (or empty) directory to write the model into.")],
+    storage: StorageOpt = None,
+    artifacts: FindArtifactsOpt = None,
+) -> None:
+    """Write the best model of a study in a standard form, with a model card (README.md).
+
+    BERT family: encoder/ (Hugging Face save_pretrained: weights, config and tokenizer) and
+    head.safetensors; LSTM: model.pt (a torch state dict) and vocab.json. Both: config.json (the training
+    configuration, scores and provenance). `vadsearch predict DIR TEXT...` uses it.
+
+    Example: vadsearch export-model bert models/bert-best
+    """
+    _setup_logging(True)
+    _quiet_models()
+    from vadsearch import predict as predictions
+    from vadsearch import report as reports
+
+    loaded = reports.load(_open(storage), _study_name(study))
+    model = predictions.load_best(loaded, artifacts=artifacts, device="cpu")
+    written = predictions.export(model, directory)
+    typer.echo(f"exported trial {model.info['trial']} of {loaded.study_name} to {written}/")
+
+
+@app.command()
+def reproduce(
+    storage: StorageOpt = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Small models on a data subset: minutes on a CPU. "
+                                                        "Studies are named quick-*.")] = False,
+    model_name: Annotated[
+        Optional[str],
+        typer.Option(help="Encoder of every BERT study (hub id or local directory). Default: the study files' "
+                          "own; with --quick, bert-base-uncased."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Where comparison.md/.csv and freezing.png/.html go.")] = Path("results"),
+    artifacts: ArtifactsOpt = Path("vadsearch-artifacts"),
+    data: DataOpt = None,
+    device: DeviceOpt = "auto",
+    keep: KeepOpt = "best",
+    carry_best: Annotated[
+        bool, typer.Option("--carry-best/--as-written", help="bert-cased and bert-freeze take the BERT grid's best "
+                                                             "batch size and lr (as the report did), or the files' values.")
+    ] = True,
+    studies_dir: Annotated[Path, typer.Option("--studies", help="Directory of the shipped study files.")]
+    = Path(__file__).resolve().parents[1] / "studies",
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the report's studies, resuming what is done; write the comparison table and freezing figure.
+
+    The studies run in order: baseline, lstm, bert, bert-cased, bert-freeze (studies/*.toml), each by an
+    ordinary worker on --storage, so other workers can help and a stopped run resumes.
+
+    Examples:
+
+      vadsearch reproduce --quick --model-name ../shared/models/minilm-l6-h384-uncased-fp16
+
+      vadsearch reproduce --storage postgresql+psycopg://vad:PW@db-host/vadsearch
+    """
+    _setup_logging(quiet)
+    import optuna
+
+    from vadsearch import report as reports
+    from vadsearch import reproduce as reproduction
+    from vadsearch.retention import check_keep
+
+    optuna.logging.set_verbosity(logging.WARNING)
+    options = reproduction.ReproduceOptions(
+        storage=storage, artifacts=artifacts, data=data, device=device, out=out, quick=quick,
+        model_name=model_name, carry_best=carry_best, studies_dir=studies_dir, keep=check_keep(keep),
+        progress=not quiet,
+    )
+    result = reproduction.run(options, on_study=lambda spec: typer.echo(f"study {spec.name}: running", err=True))
+    if result.interrupted:
+        typer.echo("interrupted: run the same command again to resume", err=True)
+        raise typer.Exit(130)
+    typer.echo(reports.render(result.table, "table"))
+    for path in result.files:
+        typer.echo(f"wrote {path}")
 
 
 def main() -> None:

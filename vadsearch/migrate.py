@@ -28,8 +28,8 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from vadsearch.errors import StorageError
 from vadsearch.storage import mask, open_storage, scrub, study_lock
@@ -118,8 +118,8 @@ def _delete_quietly(storage, name: str) -> None:
 
     try:
         optuna.delete_study(study_name=name, storage=storage)
-    except Exception:  # noqa: BLE001 — nothing was created, or the database is gone: the error above says why
-        pass
+    except Exception as exc:  # noqa: BLE001 — nothing was created, or the database is gone: the error raised says why
+        log.debug("could not delete the partial copy of %s: %s", name, exc)
 
 
 def default_target(target_url: str | None) -> str:

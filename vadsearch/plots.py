@@ -96,7 +96,7 @@ def curve_lines(study: optuna.Study, group_by: str | None = None) -> list[tuple[
             raise ConfigError(f"no trial of {study.study_name!r} has a parameter {group_by!r}; "
                               f"choose one of {', '.join(names)}")
         chosen = []
-        for value in _ordered(groups):
+        for value in _ordered(groups, _choices(study, group_by)):
             best = min(groups[value], key=lambda t: (_nan_last(min(t.intermediate_values.values())), t.number))
             chosen.append((f"{group_by}={value}", best))
     lines = []
@@ -142,11 +142,23 @@ def _setting(trial: optuna.trial.FrozenTrial, name: str) -> Any:
     return (trial.user_attrs.get("config") or {}).get(name)
 
 
-def _ordered(groups: dict[Any, list]) -> list[Any]:
+def _choices(study: optuna.Study, name: str) -> list[Any]:
+    """The values of a searched parameter in the study file's order (first-2, middle-2, last-2)."""
+    for p in (study.user_attrs.get("vadsearch") or {}).get("space") or []:
+        if isinstance(p, dict) and p.get("name") == name and isinstance(p.get("choices"), list):
+            return p["choices"]
+    return []
+
+
+def _ordered(groups: dict[Any, list], choices: list[Any]) -> list[Any]:
+    """The study file's order where it has one, else sorted."""
+    known = [c for c in choices if c in groups]
+    rest = [v for v in groups if v not in known]
     try:
-        return sorted(groups)
+        rest.sort()
     except TypeError:
-        return sorted(groups, key=str)
+        rest.sort(key=str)
+    return known + rest
 
 
 def _nan_last(value: float) -> float:
@@ -170,12 +182,19 @@ def _optuna_plot(study: optuna.Study, kind: str) -> Figure:
         raise ConfigError(f"study {study.study_name!r} searches no parameter: a {kind} plot needs one")
     if kind == "importance" and len(complete) < 2:
         raise ConfigError("parameter importances need at least 2 complete trials")
-    with warnings.catch_warnings():
+    import matplotlib
+
+    # Optuna's matplotlib plots switch the global style to ggplot; rc_context puts it back afterwards.
+    with warnings.catch_warnings(), matplotlib.rc_context():
         warnings.simplefilter("ignore")  # the matplotlib backend is "experimental" in Optuna
         plotly_figure = getattr(interactive, name)(study, target_name="dev MSE")
         axes = getattr(static, name)(study, target_name="dev MSE")
     first = axes.flat[0] if hasattr(axes, "flat") else axes
     plotly_figure.update_layout(title=f"{study.study_name}: {plotly_figure.layout.title.text or kind}")
+    if first.get_title():
+        first.set_title(f"{study.study_name}: {first.get_title()}")
+    elif first.figure.get_suptitle():  # several panels share one title (slice)
+        first.figure.suptitle(f"{study.study_name}: {first.figure.get_suptitle()}")
     return Figure(f"{study.study_name}-{kind}", plotly_figure, first.figure)
 
 
@@ -209,7 +228,7 @@ def scatter(study: optuna.Study, *, split: str = "dev", artifacts: str | Path | 
     static = MplFigure(figsize=(13, 4.5))
     axes = static.subplots(1, 3)
     for i, name in enumerate(DIMENSION_NAMES):
-        interactive.add_trace(go.Scatter(x=gold[:, i], y=predicted[:, i], mode="markers", name=name,
+        interactive.add_trace(go.Scatter(x=gold[:, i].tolist(), y=predicted[:, i].tolist(), mode="markers", name=name,
                                          marker={"size": 4, "opacity": 0.5}), row=1, col=i + 1)
         interactive.add_shape(type="line", x0=1, y0=1, x1=5, y1=5, line={"dash": "dash", "color": "gray"},
                               row=1, col=i + 1)

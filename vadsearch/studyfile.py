@@ -59,7 +59,14 @@ class _Problem(Exception):
 
     def for_file(self, path: Path) -> StudyFileError:
         text = f"{path}: {self.key}: {self.message}" if self.key else f"{path}: {self.message}"
-        return StudyFileError(" ".join(text.split("\n")).replace("\r", " "))
+        return StudyFileError(_printable(text))
+
+
+def _printable(text: str) -> str:
+    """`text` with every non-printable character escaped (`\\n`, `\\x0c`, `\\x1b`, `\\u2028`): a key from the
+    file may hold any of them, and the message must stay one line and must not drive the terminal (found
+    by tests/test_properties.py: a key with a form feed split the error in two)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 @dataclass(frozen=True)

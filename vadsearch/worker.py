@@ -208,6 +208,9 @@ class _NoTracebacks(logging.Filter):
         return True
 
 
+_NO_TRACEBACKS = _NoTracebacks()
+
+
 class Worker:
     def __init__(self, spec: StudySpec, options: WorkerOptions) -> None:
         self.spec = spec
@@ -249,7 +252,7 @@ class Worker:
         self.preflight()
         optuna_root = optuna.logging.get_logger("optuna")  # creates Optuna's own handler if not there yet
         for handler in optuna_root.handlers + logging.getLogger().handlers:
-            handler.addFilter(_NoTracebacks())
+            handler.addFilter(_NO_TRACEBACKS)  # one shared instance: adding it again is a no-op
         opts = self.options
         storage = self._storage = open_storage(
             storage_url(opts.storage),

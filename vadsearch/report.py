@@ -235,7 +235,8 @@ def status(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
                 {
                     "number": t.number,
                     "worker": t.user_attrs.get("worker"),
-                    "epochs_done": t.user_attrs.get("epochs_done"),
+                    # a running trial's epochs are its reported steps (set as an attribute at the end only)
+                    "epochs_done": t.user_attrs.get("epochs_done", max(t.intermediate_values, default=0)),
                     "heartbeat_age_s": ages.get((name, t.number)),
                 }
                 for t in trials

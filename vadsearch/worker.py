@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vadsearch.errors import StudyFileError
-from vadsearch.storage import mask, open_storage, storage_url, study_lock
+from vadsearch.storage import mask, open_storage, set_user_attrs, storage_url, study_lock
 from vadsearch.studyfile import StudySpec
 
 if TYPE_CHECKING:
@@ -337,18 +337,15 @@ class Worker:
         params = self.spec.suggest(trial)
         config = self.spec.config_for(params)
         run_dir = self.options.artifacts / self.spec.name / config.fingerprint()
-        trial.set_user_attr("point", point_key(params))
-        trial.set_user_attr("worker", self.name)
-        trial.set_user_attr("config", config.relevant())
-        trial.set_user_attr("checkpoint_dir", str(run_dir))
+        set_user_attrs(trial, {"point": point_key(params), "worker": self.name, "config": config.relevant(),
+                               "checkpoint_dir": str(run_dir)})
         log.info("trial %d: %s", trial.number, point_key(params))
 
         restored = 0
 
         def on_epoch(epoch) -> None:
             nonlocal restored
-            trial.report(epoch.dev.mse, epoch.epoch)
-            trial.set_user_attr("epochs_done", epoch.epoch)
+            trial.report(epoch.dev.mse, epoch.epoch)  # its step is the epoch count `status` shows
             if epoch.restored:
                 restored += 1
                 return
@@ -378,7 +375,7 @@ class Worker:
 
     @staticmethod
     def _record_result(trial: optuna.Trial, result) -> None:
-        for key, value in {
+        set_user_attrs(trial, {
             "best_epoch": result.best_epoch,
             "epochs_done": len(result.history),
             "dev": result.dev.as_dict(),
@@ -387,5 +384,4 @@ class Worker:
             "total_params": result.total_params,
             "resumed_from": result.resumed_from,
             "seconds": result.seconds,
-        }.items():
-            trial.set_user_attr(key, value)
+        })

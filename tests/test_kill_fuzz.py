@@ -64,8 +64,9 @@ def kill_inside(worker: subprocess.Popen, fault_dir: Path, window: str, rng: ran
 
 def test_many_kills_lose_nothing_and_run_nothing_twice(tmp_path):
     corpus = write_csv(tmp_path / "corpus.csv", synthetic_rows(1500, 100, 100, seed=4))
-    study_file = write_study(tmp_path / "fuzz.toml", name="fuzz", data=corpus, max_epochs=5,
-                             search="hidden_size = [8, 16]\nlr = [0.001, 0.01]", study="max_retries = 0")
+    # Enough work (6 points x 6 epochs) that the study is still open when the last kill lands.
+    study_file = write_study(tmp_path / "fuzz.toml", name="fuzz", data=corpus, max_epochs=6,
+                             search="hidden_size = [8, 16, 24]\nlr = [0.001, 0.01]", study="max_retries = 0")
     fault_dir = tmp_path / "faults"
     fault_dir.mkdir()
     storage = f"sqlite:///{tmp_path}/fuzz.db"
@@ -88,7 +89,7 @@ def test_many_kills_lose_nothing_and_run_nothing_twice(tmp_path):
 
     study = optuna.load_study(study_name="fuzz", storage=open_storage(storage))
     finished = points_finished(study)
-    assert len(finished) == 4 and set(finished.values()) == {1}
+    assert len(finished) == 6 and set(finished.values()) == {1}
     # max_retries = 0 and no trial ever failed by raising: every requeue came from a kill.
     assert not [t for t in study.trials if "fail_reason" in t.user_attrs]
 

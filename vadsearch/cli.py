@@ -264,6 +264,9 @@ def launch(
     study_file: Annotated[Path, typer.Argument(help="A study file, e.g. studies/lstm.toml.")],
     workers: Annotated[int, typer.Option(help="Worker processes to start on this machine.")] = 2,
     gpus: Annotated[Optional[str], typer.Option(help="GPU indices to spread the workers over, e.g. 0,1.")] = None,
+    workers_per_gpu: Annotated[
+        Optional[int], typer.Option(help="With --gpus: this many workers on each GPU (overrides --workers).")
+    ] = None,
     storage: StorageOpt = None,
     timeout: Annotated[Optional[float], typer.Option(help="Workers start no new trial after this many seconds.")] = None,
     artifacts: ArtifactsOpt = Path("vadsearch-artifacts"),
@@ -278,6 +281,8 @@ def launch(
     Example:
 
       vadsearch launch studies/lstm.toml --workers 8 --gpus 0,1
+
+      vadsearch launch studies/bert.toml --gpus 0 --workers-per-gpu 4
     """
     _setup_logging(False)
     from vadsearch import launch as launcher
@@ -288,13 +293,16 @@ def launch(
     check_keep(keep)
     spec = _load_spec(study_file, data, sets)  # fail here, once, rather than in N workers
     url = storage_url(storage)
-    args = ["--storage", url, "--artifacts", str(artifacts), "--device", device]
+    args = ["--artifacts", str(artifacts), "--device", device]
     args += ["--data", str(data)] if data else []
     args += ["--timeout", str(timeout)] if timeout is not None else []
     args += ["--keep", keep]
     for item in sets or []:
         args += ["--set", item]
-    plan = launcher.LaunchPlan(study_file, workers, launcher.parse_gpus(gpus), tuple(args), log_dir)
+    gpu_list = launcher.parse_gpus(gpus)
+    if workers_per_gpu is not None:
+        workers = workers_per_gpu * max(1, len(gpu_list))  # one small trial does not fill a large GPU
+    plan = launcher.LaunchPlan(study_file, workers, gpu_list, tuple(args), log_dir, storage=url)
     processes = launcher.start(plan)
     typer.echo(f"started {workers} worker(s) on {spec.name}; logs in {log_dir}/")
     try:
@@ -541,7 +549,8 @@ def predict(
                                               "export-model.")],
     texts: Annotated[Optional[list[str]], typer.Argument(help="Sentences to rate.")] = None,
     file: Annotated[
-        Optional[Path], typer.Option("--file", help="One sentence per line, or a .csv with a `text` column; - is stdin.")
+        Optional[Path],
+        typer.Option("--file", help="One sentence per line, or a .csv with a `text` column; - is stdin."),
     ] = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table, csv or json.")] = "table",
     batch_size: Annotated[Optional[int], typer.Option(help="Sentences per batch. Default: the run's eval batch.")]
@@ -620,8 +629,9 @@ def reproduce(
     device: DeviceOpt = "auto",
     keep: KeepOpt = "best",
     carry_best: Annotated[
-        bool, typer.Option("--carry-best/--as-written", help="bert-cased and bert-freeze take the BERT grid's best "
-                                                             "batch size and lr (as the report did), or the files' values.")
+        bool,
+        typer.Option("--carry-best/--as-written", help="bert-cased and bert-freeze take the BERT grid's best batch "
+                                                       "size and lr (as the report did), or the files' values."),
     ] = True,
     studies_dir: Annotated[Path, typer.Option("--studies", help="Directory of the shipped study files.")]
     = Path(__file__).resolve().parents[1] / "studies",
@@ -639,6 +649,8 @@ def reproduce(
       vadsearch reproduce --storage postgresql+psycopg://vad:PW@db-host/vadsearch
     """
     _setup_logging(quiet)
+    if quiet:
+        _quiet_models()
     import optuna
 
     from vadsearch import report as reports

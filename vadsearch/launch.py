@@ -28,6 +28,7 @@ class LaunchPlan:
     gpus: tuple[str, ...] = ()
     worker_args: tuple[str, ...] = ()  # passed on to every `vadsearch worker`
     log_dir: Path = Path("vadsearch-logs")
+    storage: str | None = None  # passed in the environment: a command line is readable by every local user
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -38,6 +39,8 @@ class LaunchPlan:
 
     def environment(self, index: int) -> dict[str, str]:
         env = dict(os.environ)
+        if self.storage:
+            env["VADSEARCH_STORAGE"] = self.storage
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = self.gpus[index % len(self.gpus)]  # round-robin over the GPUs
         return env

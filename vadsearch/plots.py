@@ -39,14 +39,15 @@ class Figure:
 
     def save(self, out: str | Path, stem: str | None = None) -> list[Path]:
         """Write `STEM.png` and `STEM.html` (plotly.js embedded: opens offline) into `out`."""
-        import matplotlib.pyplot as plt
-
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         stem = stem or self.name
         png, html = out / f"{stem}.png", out / f"{stem}.html"
         self.matplotlib.savefig(png, dpi=PNG_DPI, bbox_inches="tight")
-        plt.close(self.matplotlib)
+        if self.matplotlib.canvas.manager is not None:  # drawn through pyplot (Optuna's plots): release it
+            import matplotlib.pyplot as plt
+
+            plt.close(self.matplotlib)
         self.plotly.write_html(html, include_plotlyjs=True, full_html=True)
         return [png, html]
 
@@ -56,7 +57,6 @@ def figure(study: optuna.Study, kind: str, *, group_by: str | None = None, split
     """The `kind` figure of `study` (see the module docstring)."""
     if kind not in KINDS:
         raise ConfigError(f"unknown plot kind {kind!r}; choose one of {', '.join(KINDS)}")
-    _agg()
     if kind == "curves":
         return curves(study, group_by)
     if kind == "scatter":
@@ -65,7 +65,7 @@ def figure(study: optuna.Study, kind: str, *, group_by: str | None = None, split
 
 
 def _agg() -> None:
-    """Draw off-screen: the PNGs are files, and a worker machine has no display."""
+    """Optuna's matplotlib plots go through pyplot: draw them off-screen, the PNGs are files."""
     import matplotlib
 
     if matplotlib.get_backend().lower() != "agg":
@@ -184,6 +184,7 @@ def _optuna_plot(study: optuna.Study, kind: str) -> Figure:
         raise ConfigError("parameter importances need at least 2 complete trials")
     import matplotlib
 
+    _agg()
     # Optuna's matplotlib plots switch the global style to ggplot; rc_context puts it back afterwards.
     with warnings.catch_warnings(), matplotlib.rc_context():
         warnings.simplefilter("ignore")  # the matplotlib backend is "experimental" in Optuna

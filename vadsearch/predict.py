@@ -62,7 +62,8 @@ class Predictor:
             rows = [self.vocab.encode(tokens) for tokens in word_tokenize(texts, self.config.lowercase)]
             pad_id = 0
         else:
-            rows = self.tokenizer(texts, truncation=True, max_length=self.config.max_length)["input_ids"] if texts else []
+            encoded = self.tokenizer(texts, truncation=True, max_length=self.config.max_length) if texts else None
+            rows = encoded["input_ids"] if encoded else []
             pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids, lengths = pad_rows(rows, pad_id)
         return EncodedSplit(ids, lengths, np.zeros((len(rows), 3), dtype=np.float32))
@@ -213,7 +214,7 @@ def export(predictor: Predictor, directory: str | Path) -> Path:
     document = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "model": predictor.config.model,
                 "train_config": predictor.config.to_dict(), **info}
     (directory / "config.json").write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    (directory / "README.md").write_text(model_card(predictor), encoding="utf-8")
+    (directory / "README.md").write_text(model_card(predictor, directory), encoding="utf-8")
     return directory
 
 
@@ -256,48 +257,60 @@ def is_exported(path: str | Path) -> bool:
 # --- the model card ----------------------------------------------------------------------------------
 
 
-def model_card(predictor: Predictor) -> str:
+def model_card(predictor: Predictor, directory: str | Path = "MODEL_DIR") -> str:
+    """README.md of an exported model: what it predicts, how to use it, data, parameters, scores, files."""
     info, config = predictor.info, predictor.config
     title = f"{info['study']} trial {info['trial']}" if "study" in info else "vadsearch model"
-    kind = "LSTM" if config.model == "lstm" else f"{config.model_name} fine-tuned"
+    if config.model == "lstm":
+        kind = (f"An LSTM ({'bidirectional, ' if config.bidirectional else ''}{config.layers} "
+                f"layer{'s' if config.layers > 1 else ''}, hidden size {config.hidden_size})")
+    else:
+        kind = f"The encoder `{config.model_name}`, fine-tuned with a linear head on its [CLS] state,"
     subset = info.get("data_subset")
-    data = (f"a deterministic subset of {subset[0]} train / {subset[1]} dev / {subset[2]} test sentences; "
-            if subset else "")
+    if subset:
+        data = (f"Trained on a deterministic subset of its train split ({subset[0]} sentences), selected on "
+                f"{subset[1]} dev sentences and scored once on {subset[2]} test sentences. Data identity "
+                "(sha256 of the file's sha256 with the subset's sizes and seed):")
+    else:
+        data = "Trained on its train split, selected on dev, scored once on test. sha256 of the data file:"
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in sorted(config.relevant().items()))
     epochs = info.get("epochs_done")
     best = f"{info.get('best_epoch')}" + (f" of {epochs}" if epochs else "")
-    files = ("`model.pt` (torch state dict of `vadsearch.models.lstm.LSTMRegressor`: `embedding.weight` "
-             "(vocabulary × dim), `lstm.*`, `head.weight` (3 × hidden·directions), `head.bias`; load with "
-             "`torch.load(path, weights_only=True)`), `vocab.json` (index = token id; 0 `<pad>`, 1 `<unk>`; "
-             "words are spaCy tokens" + (", lowercased)" if config.lowercase else ")")
-             if config.model == "lstm" else
-             "`encoder/` (the fine-tuned encoder and its tokenizer: `AutoModel.from_pretrained`, "
-             "`AutoTokenizer.from_pretrained`), `head.safetensors` (`weight` 3 × hidden, `bias` 3: "
-             "V, A, D = head([CLS] hidden state))")
+    if config.model == "lstm":
+        files = ("- `model.pt`: the state dict of `vadsearch.models.lstm.LSTMRegressor` (`embedding.weight` "
+                 "vocabulary × dim, `lstm.*`, `head.weight` 3 × hidden·directions, `head.bias`); load it with "
+                 "`torch.load(path, weights_only=True)`\n"
+                 "- `vocab.json`: the word list, index = token id (0 `<pad>`, 1 `<unk>`); words are spaCy tokens"
+                 + (", lowercased" if config.lowercase else ""))
+    else:
+        files = ("- `encoder/`: the fine-tuned encoder and its tokenizer (`AutoModel.from_pretrained`, "
+                 "`AutoTokenizer.from_pretrained`)\n"
+                 "- `head.safetensors`: the regression head, `weight` (3 × hidden) and `bias` (3): "
+                 "[V, A, D] = weight · h[CLS] + bias")
     return f"""# {title}: Valence, Arousal, Dominance regression
 
-A {kind} model that predicts the Valence, Arousal and Dominance of an English sentence, each on
-EmoBank's 1-5 scale (predictions are clipped to [1, 5]): the best trial of a vadsearch
-hyperparameter search, at its best epoch on dev.
+{kind} that rates an English sentence for Valence, Arousal and Dominance on EmoBank's 1-5 scale
+(predictions are clipped to [1, 5]). It is the best trial of a vadsearch hyperparameter search, at its
+best epoch on dev.
 
 ## Use
 
 ```bash
-vadsearch predict THIS_DIRECTORY "What a wonderful day." "I am so tired of this."
+vadsearch predict {directory} "What a wonderful day." "I am so tired of this."
 ```
 
 ```python
 from vadsearch.predict import load_exported
 
-model = load_exported("THIS_DIRECTORY", device="cpu")
+model = load_exported("{directory}", device="cpu")
 model.predict(["What a wonderful day."])  # array([[V, A, D]])
 ```
 
 ## Data
 
 [EmoBank]({EMOBANK_URL}) (Buechel & Hahn, EACL 2017), licensed CC-BY-SA 4.0: 10k English sentences
-rated for V, A and D. This model was trained on its train split ({data}sha256 of the data as trained
-on: `{info.get('data_sha256')}`), selected on dev, and scored once on test.
+rated for V, A and D. {data}
+`{info.get('data_sha256')}`.
 
 ## Parameters
 
@@ -315,7 +328,8 @@ MSE averaged over V, A, D (lower is better), per-dimension MSE, and Pearson r.
 
 ## Files
 
-`config.json` (the training configuration, scores, provenance), {files}.
+- `config.json`: the training configuration, the scores above, and where the model came from
+{files}
 """
 
 
@@ -340,6 +354,7 @@ def _scores_table(info: dict[str, Any]) -> str:
 def read_texts(path: str | Path) -> list[str]:
     """Sentences from a file: a CSV's `text` column (`.csv`), else one sentence per non-empty line."""
     import csv
+    import io
     import sys
 
     if str(path) == "-":
@@ -353,7 +368,7 @@ def read_texts(path: str | Path) -> list[str]:
         raise DataError(f"{path}: cannot read as UTF-8 text ({exc})") from None
     if path.suffix.lower() != ".csv":
         return [line for line in raw.splitlines() if line.strip()]
-    reader = csv.DictReader(raw.splitlines())
+    reader = csv.DictReader(io.StringIO(raw, newline=""))  # quoted fields may hold line breaks
     if not reader.fieldnames or "text" not in reader.fieldnames:
         raise DataError(f"{path}: a CSV needs a `text` column; its columns are {reader.fieldnames or 'none'}")
     return [row["text"] or "" for row in reader]

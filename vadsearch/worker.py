@@ -7,7 +7,8 @@ searched parameters as canonical JSON). Each point's trials tell its story:
 - COMPLETE or PRUNED: settled, never run again;
 - WAITING or RUNNING: in hand;
 - FAIL with `fail_reason`: the configuration raised; requeued until `max_retries` is spent;
-- FAIL with `interrupted`: stopped by Ctrl-C; always requeued;
+- FAIL with `interrupted` or `machine_fault` (Ctrl-C; a checkpoint that could not be written): always
+  requeued, and the worker stops;
 - FAIL with neither: its worker died and its heartbeat went stale; requeued up to `max_stale_retries`.
 
 Requeuing happens only in `reconcile`, under a lock on the study, so two workers never queue the same
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vadsearch.errors import StudyFileError
+from vadsearch.errors import CheckpointError, StudyFileError
 from vadsearch.storage import mask, open_storage, set_user_attrs, storage_url, study_lock
 from vadsearch.studyfile import StudySpec
 
@@ -106,8 +107,8 @@ def survey(spec: StudySpec, trials: list[optuna.trial.FrozenTrial], max_stale_re
             point.settled = True
         elif trial.state in (TrialState.RUNNING, TrialState.WAITING):
             point.active = True
-        elif attrs.get("interrupted"):
-            pass
+        elif attrs.get("interrupted") or attrs.get("machine_fault"):
+            pass  # not the configuration's fault: requeued without spending a retry
         elif "fail_reason" in attrs:
             point.failures += 1
         else:
@@ -219,6 +220,7 @@ class Worker:
         self.summary = WorkerSummary(spec.name)
         self._corpus: Corpus | None = None
         self._taken_over: int | None = None  # a trial another worker took over from this one
+        self._machine_fault: CheckpointError | None = None  # disk full or read-only: stop after the trial
         self._storage = None
 
     # --- before the first trial: everything that could fail for every trial fails here, once -----
@@ -227,6 +229,7 @@ class Worker:
         from vadsearch.train import resolve_device
 
         resolve_device(self.options.device)
+        self._check_artifacts()
         corpus = load_emobank(self.options.data or self.spec.data_path)
         if self.spec.data_subset:
             corpus = corpus.subset(*self.spec.data_subset, seed=self.spec.seed)
@@ -244,6 +247,18 @@ class Worker:
             from vadsearch.encoding import load_tokenizer
 
             load_tokenizer(model_name)
+
+    def _check_artifacts(self) -> None:
+        """An artifact directory that cannot be written would fail every trial: say so once, now."""
+        root = self.options.artifacts / self.spec.name
+        probe = root / f".probe-{os.getpid()}"
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise CheckpointError(f"cannot write to the artifact directory {root}: {exc.strerror or exc}; "
+                                  "fix its permissions or free space, or pass --artifacts DIR") from None
 
     # --- the loop ----------------------------------------------------------------------------------
     def run(self) -> WorkerSummary:
@@ -292,9 +307,15 @@ class Worker:
                     optuna.storages.fail_stale_trials(study)
                     time.sleep(opts.poll_interval)
                     continue
-            self._taken_over = None
+            self._taken_over = self._machine_fault = None
             try:
                 study.optimize(self._objective, n_trials=1, catch=(Exception,), callbacks=[self._record])
+                if self._machine_fault is not None:
+                    # Every trial here would fail the same way: requeue this one and stop, saying why.
+                    reconcile(study, self.spec, opts.max_stale_retries)
+                    raise self._machine_fault
+            except CheckpointError:
+                raise
             except Exception as exc:
                 gave_up = getattr(self._storage, "gave_up", "")
                 if gave_up:
@@ -366,6 +387,10 @@ class Worker:
             raise
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
+            raise
+        except CheckpointError as exc:
+            set_user_attrs(trial, {"fail_reason": f"CheckpointError: {exc}"[:500], "machine_fault": True})
+            self._machine_fault = exc
             raise
         except Exception as exc:
             reason = " ".join(str(exc).split()) or type(exc).__name__

@@ -1,0 +1,187 @@
+"""The winning model in use: `vadsearch predict` and `export-model` against the model called directly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from results_fixtures import bert_study, lstm_study  # noqa: F401 (fixtures)
+from vadsearch.checkpoint import RunDirectory
+from vadsearch.cli import app
+from vadsearch.config import TrainConfig
+from vadsearch.encoding import Vocabulary, load_tokenizer, word_tokenize
+from vadsearch.metrics import score
+from vadsearch.predict import best_trial, load_best, load_exported, study_corpus
+
+# Sentences of different lengths (batches are sorted by length), one unseen word, one empty line's worth.
+TEXTS = ["The dog was very happy today.", "We went to the house and it was sad", "Unhappily tired!",
+         "Love", "", "a a a a a a a a a a a a a a a a a a calm strong weak afraid"]
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def direct(study) -> np.ndarray:
+    """The best trial's weights, loaded by hand into the regressor and called one sentence at a time."""
+    loaded = study.load()
+    trial = best_trial(loaded)
+    best = RunDirectory(trial.user_attrs["checkpoint_dir"]).best()
+    assert best["epoch"] == trial.user_attrs["best_epoch"]
+    config = TrainConfig.from_dict(best["config"])
+    if config.model == "lstm":
+        from vadsearch.models.lstm import LSTMRegressor
+
+        vocab = Vocabulary(tuple(best["vocab"]))
+        model = LSTMRegressor(len(vocab), config.embedding_dim, config.hidden_size, config.layers,
+                              config.bidirectional, 0.0, np.zeros(3))
+        rows = [vocab.encode(tokens) for tokens in word_tokenize(TEXTS, config.lowercase)]
+    else:
+        from vadsearch.models.bert import BertRegressor, load_encoder
+
+        model = BertRegressor(load_encoder(config.model_name), 0.0, np.zeros(3))
+        rows = load_tokenizer(config.model_name)(TEXTS, truncation=True, max_length=config.max_length)["input_ids"]
+    model.load_state_dict(best["model"])
+    model.eval()
+    with torch.no_grad():
+        out = [model(torch.tensor([row]), torch.tensor([len(row)]))[0].numpy() for row in rows]
+    return np.clip(np.stack(out), 1, 5)
+
+
+@pytest.fixture(params=["lstm", "bert"])
+def study(request):
+    return request.getfixturevalue(f"{request.param}_study")
+
+
+def test_predictions_equal_the_model_called_directly(study):
+    predictor = load_best(study.load(), device="cpu")
+    expected = direct(study)
+    np.testing.assert_allclose(predictor.predict(TEXTS), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(predictor.predict(TEXTS, batch_size=2), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_best_weights_reproduce_the_stored_dev_score(study):
+    loaded = study.load()
+    predictor = load_best(loaded, device="cpu")
+    dev = study_corpus(loaded).dev
+    stored = best_trial(loaded).user_attrs["dev"]["mse"]
+    assert score(predictor.predict(dev.texts), dev.targets).mse == pytest.approx(stored, rel=1e-5)
+
+
+def test_predict_cli_prints_the_same_numbers_in_every_format(study, tmp_path):
+    expected = direct(study)
+    result = invoke("predict", study.name, *TEXTS, "--storage", study.storage, "--device", "cpu", "-f", "json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["text"] for r in rows] == TEXTS
+    np.testing.assert_allclose([[r["V"], r["A"], r["D"]] for r in rows], expected, rtol=1e-5, atol=1e-5)
+
+    sentences = tmp_path / "in.csv"
+    sentences.write_text("id,text\n" + "".join(f'{i},"{t}"\n' for i, t in enumerate(TEXTS)), encoding="utf-8")
+    result = invoke("predict", study.name, "--file", sentences, "--storage", study.storage, "-f", "csv")
+    assert result.exit_code == 0, result.output
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [r["text"] for r in rows] == TEXTS
+    np.testing.assert_allclose([[float(r[k]) for k in "VAD"] for r in rows], expected, rtol=1e-5, atol=1e-5)
+
+    result = invoke("predict", study.name, "Love", "--storage", study.storage)
+    assert result.exit_code == 0 and "Love" in result.output and f"{expected[3, 0]:.4f}" in result.output
+
+
+def test_a_text_file_is_one_sentence_per_line(lstm_study, tmp_path):
+    lines = tmp_path / "in.txt"
+    lines.write_text("The dog was very happy today.\n\nLove\n", encoding="utf-8")
+    result = invoke("predict", lstm_study.name, "--file", lines, "--storage", lstm_study.storage, "-f", "json")
+    assert result.exit_code == 0, result.output
+    assert [r["text"] for r in json.loads(result.stdout)] == ["The dog was very happy today.", "Love"]
+
+
+def test_export_and_reload_predict_the_same(study, tmp_path):
+    loaded = study.load()
+    predictor = load_best(loaded, device="cpu")
+    result = invoke("export-model", study.name, tmp_path / "model", "--storage", study.storage)
+    assert result.exit_code == 0, result.output
+    directory = tmp_path / "model"
+    reloaded = load_exported(directory, device="cpu")
+    np.testing.assert_allclose(reloaded.predict(TEXTS), predictor.predict(TEXTS), rtol=1e-6, atol=1e-6)
+
+    config = json.loads((directory / "config.json").read_text())
+    trial = best_trial(loaded)
+    assert config["format"] == "vadsearch-model" and config["trial"] == trial.number
+    assert config["dev"] == trial.user_attrs["dev"] and config["test"] == trial.user_attrs["test"]
+    card = (directory / "README.md").read_text()
+    for needle in ("EmoBank", "CC-BY-SA 4.0", predictor.info["data_sha256"], f"Best epoch (on dev): "
+                   f"{trial.user_attrs['best_epoch']}", f"{trial.user_attrs['test']['mse']:.4f}"):
+        assert needle in card
+    if predictor.config.model == "lstm":
+        state = torch.load(directory / "model.pt", weights_only=True)  # a plain, safe state dict
+        assert set(state) == set(predictor.model.state_dict())
+        assert json.loads((directory / "vocab.json").read_text())[:2] == ["<pad>", "<unk>"]
+    else:
+        from transformers import AutoModel, AutoTokenizer
+
+        assert AutoModel.from_pretrained(directory / "encoder").config.num_hidden_layers == 4
+        assert AutoTokenizer.from_pretrained(directory / "encoder")("happy")["input_ids"]
+        assert (directory / "head.safetensors").is_file()
+
+    # `predict` takes the exported directory in place of a study.
+    result = invoke("predict", directory, *TEXTS[:2], "-f", "json")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose([[r["V"], r["A"], r["D"]] for r in json.loads(result.stdout)],
+                               predictor.predict(TEXTS[:2]), rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_a_directory_with_files(lstm_study, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("x")
+    result = invoke("export-model", lstm_study.name, tmp_path / "taken", "--storage", lstm_study.storage)
+    assert result.exit_code == 2 and "not empty" in result.output
+
+
+def test_one_line_errors(lstm_study, tmp_path):
+    result = invoke("predict", lstm_study.name, "--storage", lstm_study.storage)
+    assert result.exit_code == 2 and "nothing to rate" in result.output
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sentence\nhello\n")
+    result = invoke("predict", lstm_study.name, "--file", bad, "--storage", lstm_study.storage)
+    assert result.exit_code == 2 and "`text` column" in result.output
+    result = invoke("predict", lstm_study.name, "x", "--storage", lstm_study.storage, "--artifacts", tmp_path)
+    assert result.exit_code == 4 and "no best weights" in result.output and "Traceback" not in result.output
+
+
+def test_the_artifacts_option_finds_moved_checkpoints(lstm_study, tmp_path):
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(lstm_study.artifacts, moved)
+    predictor = load_best(lstm_study.load(), artifacts=moved, device="cpu")
+    assert Path(predictor.info["run_dir"]).is_relative_to(moved)
+    np.testing.assert_allclose(predictor.predict(TEXTS), direct(lstm_study), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_predictions_on_the_gpu_match_the_cpu(study):
+    cpu = load_best(study.load(), device="cpu").predict(TEXTS)
+    gpu = load_best(study.load(), device="cuda").predict(TEXTS)
+    np.testing.assert_allclose(gpu, cpu, atol=0.05)  # bf16 autocast on the GPU
+
+
+def test_read_texts_keeps_csv_quoting_and_empty_texts(tmp_path):
+    from vadsearch.predict import read_texts
+
+    table = tmp_path / "in.csv"
+    table.write_text('text,id\n"two\nlines, one text",1\n,2\nplain,3\n', encoding="utf-8")
+    assert read_texts(table) == ["two\nlines, one text", "", "plain"]
+    lines = tmp_path / "in.txt"
+    lines.write_text("\ufefffirst\n\n  \nsecond\n", encoding="utf-8")
+    assert read_texts(lines) == ["first", "second"]

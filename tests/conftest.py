@@ -71,3 +71,17 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     )
     BertModel(config).save_pretrained(str(directory))
     return str(directory)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """The shared PostgreSQL server (127.0.0.1:5432, or $VADSEARCH_TEST_POSTGRES); skips without one."""
+    from search_helpers import POSTGRES_URL
+    from vadsearch.errors import StorageError
+    from vadsearch.storage import open_storage
+
+    try:
+        return open_storage(POSTGRES_URL)
+    except StorageError as exc:
+        pytest.skip(f"no PostgreSQL: {exc}")
+

@@ -144,14 +144,6 @@ def test_cli_masks_passwords_and_reports_running_trials(hand_made, tmp_path, mon
 # ----------------------------------------------------------------------- slow, the real PostgreSQL
 
 
-@pytest.fixture(scope="module")
-def postgres():
-    try:
-        return open_storage(POSTGRES_URL)
-    except StorageError as exc:
-        pytest.skip(f"no PostgreSQL: {exc}")
-
-
 @pytest.fixture
 def pg_names(postgres):
     """Unique study names; their studies are deleted from PostgreSQL afterwards."""

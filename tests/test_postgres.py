@@ -12,18 +12,8 @@ import pytest
 from optuna.trial import TrialState
 
 from search_helpers import POSTGRES_URL, points_finished, vadsearch, write_study
-from vadsearch.errors import StorageError
-from vadsearch.storage import open_storage
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    try:
-        return open_storage(POSTGRES_URL)
-    except StorageError as exc:
-        pytest.skip(f"no PostgreSQL: {exc}")
 
 
 @pytest.fixture

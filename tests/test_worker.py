@@ -84,21 +84,27 @@ def test_a_failing_point_is_retried_then_given_up_while_the_others_finish(setup,
     assert points_finished(study) == {point_key({"hidden_size": 4}): 1}
 
 
-def test_ctrl_c_leaves_the_trial_resumable_without_spending_a_retry(setup, monkeypatch):
-    spec, options = setup('hidden_size = [4]\n', max_epochs=3, study="max_retries = 0")
+def ctrl_c_after_epoch(last: int):
+    """A `train` that is interrupted by Ctrl-C right after epoch `last` (its checkpoint written)."""
     real_train = vadsearch.train.train
 
-    def interrupted_after_two_epochs(config, corpus, **kwargs):
+    def interrupted(config, corpus, **kwargs):
         on_epoch = kwargs.pop("on_epoch")
 
         def stop(epoch):
             on_epoch(epoch)
-            if epoch.epoch == 2:
+            if epoch.epoch == last:
                 raise KeyboardInterrupt
 
         return real_train(config, corpus, on_epoch=stop, **kwargs)
 
-    monkeypatch.setattr(vadsearch.train, "train", interrupted_after_two_epochs)
+    return interrupted
+
+
+def test_ctrl_c_leaves_the_trial_resumable_without_spending_a_retry(setup, monkeypatch):
+    spec, options = setup('hidden_size = [4]\n', max_epochs=3, study="max_retries = 0")
+    real_train = vadsearch.train.train
+    monkeypatch.setattr(vadsearch.train, "train", ctrl_c_after_epoch(2))
     assert Worker(spec, options).run().stopped == "interrupted"
     study = load(options)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
@@ -175,18 +181,7 @@ def test_study_attrs_describe_the_study(setup):
 def test_a_damaged_checkpoint_is_reported_once_and_the_trial_falls_back(setup, monkeypatch, caplog, tmp_path, damage):
     spec, options = setup('hidden_size = [4]\n', max_epochs=3)
     real_train = vadsearch.train.train
-
-    def stop_after_two(config, corpus, **kwargs):
-        on_epoch = kwargs.pop("on_epoch")
-
-        def stop(epoch):
-            on_epoch(epoch)
-            if epoch.epoch == 2:
-                raise KeyboardInterrupt
-
-        return real_train(config, corpus, on_epoch=stop, **kwargs)
-
-    monkeypatch.setattr(vadsearch.train, "train", stop_after_two)
+    monkeypatch.setattr(vadsearch.train, "train", ctrl_c_after_epoch(2))
     Worker(spec, options).run()
     monkeypatch.setattr(vadsearch.train, "train", real_train)
     run_dir = next((tmp_path / "art" / "s").iterdir())

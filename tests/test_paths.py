@@ -31,7 +31,7 @@ def accepted(name: str) -> bool:
     return True
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(name=NAMES | st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", fullmatch=True))  # many accepted ones
 def test_any_accepted_study_name_keeps_the_run_directory_inside_the_root(tmp_path_factory, name):
     root = tmp_path_factory.getbasetemp() / "artifacts"
@@ -43,7 +43,7 @@ def test_any_accepted_study_name_keeps_the_run_directory_inside_the_root(tmp_pat
     assert not any(part in ("", ".", "..") for part in path.relative_to(root).parts)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(name=NAMES)
 def test_names_that_could_escape_are_refused_by_the_study_file(name):
     if "/" in name or "\\" in name or "\0" in name or name in ("", ".", "..") or name.startswith((".", "-", "~")):

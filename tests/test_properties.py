@@ -392,7 +392,7 @@ def run_worker(workspace, study: Path, data: Path, bad: Path, use_existing: bool
         before = (row_counts(database), hashlib.sha256(database.read_bytes()).hexdigest())
     else:
         database = scratch / "x.db"
-    files_before = sorted(os.listdir(scratch))
+    files_before = files_in(scratch)
     result = runner.invoke(app, ["worker", str(study), "--data", str(data), "--storage", f"sqlite:///{database}",
                                  "--artifacts", str(scratch / "artifacts"), "--device", "cpu", "-q"])
     output = result.output
@@ -404,10 +404,17 @@ def run_worker(workspace, study: Path, data: Path, bad: Path, use_existing: bool
     assert str(bad) in lines[0], f"the error does not name {bad}: {lines[0]}"
     if any_of:
         assert any(text in lines[0] for text in any_of), f"none of {any_of} in: {lines[0]}"
-    assert sorted(os.listdir(scratch)) == files_before, "the worker wrote something"
+    # No database, no lock file, no checkpoint: no file at all. (An empty artifact directory, made by the
+    # worker's write check, is tolerated: see docs/reliability.md.)
+    assert files_in(scratch) == files_before, "the worker wrote a file"
+    assert not database.with_name(database.name + ".lock").exists() or use_existing
     if use_existing:
         assert (row_counts(database), hashlib.sha256(database.read_bytes()).hexdigest()) == before
     return lines[0]
+
+
+def files_in(directory: Path) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if not p.is_dir())
 
 
 def scratch_dir(workspace) -> Path:

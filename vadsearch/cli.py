@@ -25,7 +25,9 @@ class _Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except VadsearchError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            # One line whatever the message quotes: control characters from a bad file are escaped.
+            line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(exc))
+            typer.echo(f"error: {line}", err=True)
             raise typer.Exit(exc.exit_code) from None
 
 

@@ -229,11 +229,11 @@ class Worker:
         from vadsearch.train import resolve_device
 
         resolve_device(self.options.device)
-        self._check_artifacts()
         corpus = load_emobank(self.options.data or self.spec.data_path)
         if self.spec.data_subset:
             corpus = corpus.subset(*self.spec.data_subset, seed=self.spec.seed)
         self._corpus = corpus
+        self._check_artifacts()  # after the input checks: bad input leaves nothing behind
         configs = [self.spec.config_for(p) for p in self.spec.grid()] if self.spec.sampler == "grid" else []
         configs.append(self.spec.base)
         choices = {p.name: p.choices for p in self.spec.space if p.choices}
@@ -347,6 +347,7 @@ class Worker:
     def _objective(self, trial: optuna.Trial) -> float:
         import optuna
 
+        from vadsearch.checkpoint import run_directory
         from vadsearch.reconnect import DatabaseUnreachable
         from vadsearch.train import train
 
@@ -357,7 +358,7 @@ class Worker:
             raise optuna.TrialPruned("no configuration was waiting")
         params = self.spec.suggest(trial)
         config = self.spec.config_for(params)
-        run_dir = self.options.artifacts / self.spec.name / config.fingerprint()
+        run_dir = run_directory(self.options.artifacts, self.spec.name, config.fingerprint())
         set_user_attrs(trial, {"point": point_key(params), "worker": self.name, "config": config.relevant(),
                                "checkpoint_dir": str(run_dir)})
         log.info("trial %d: %s", trial.number, point_key(params))

@@ -227,7 +227,7 @@ def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator
         return
     from sqlalchemy import text
 
-    key = int.from_bytes(hashlib.sha256(f"vadsearch:{study_name}".encode()).digest()[:8], "big", signed=True)
+    key = _lock_key(f"vadsearch:{study_name}")
     with storage.engine.connect() as connection:
         connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
         connection.commit()

@@ -115,13 +115,26 @@ def encode_words(corpus: Corpus, lowercase: bool = True, min_freq: int = 1) -> E
 
 
 def _encode_words(corpus: Corpus, lowercase: bool, min_freq: int) -> EncodedCorpus:
-    tokens = {name: word_tokenize(corpus.splits[name].texts, lowercase) for name in ("train", "dev", "test")}
-    vocab = Vocabulary.build(tokens["train"], min_freq)
+    vocab = Vocabulary.build(word_tokenize(corpus.train.texts, lowercase), min_freq)
     splits = {
-        name: _encoded_split([vocab.encode(t) for t in tokens[name]], corpus.splits[name], pad_id=0)
-        for name in tokens
+        name: _encoded_split(word_rows(corpus.splits[name].texts, vocab, lowercase), corpus.splits[name], pad_id=0)
+        for name in ("train", "dev", "test")
     }
     return EncodedCorpus(**splits, pad_id=0, vocab=vocab)
+
+
+# Training and prediction encode text through these two functions alone, so they can never disagree.
+def word_rows(texts: Iterable[str], vocab: Vocabulary, lowercase: bool) -> list[list[int]]:
+    return [vocab.encode(tokens) for tokens in word_tokenize(texts, lowercase)]
+
+
+def subword_rows(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[list[int]]:
+    texts = list(texts)
+    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []
+
+
+def subword_pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def load_tokenizer(model_name: str) -> PreTrainedTokenizerBase:
@@ -148,11 +161,10 @@ def encode_subwords(corpus: Corpus, model_name: str, max_length: int) -> Encoded
 
 def _encode_subwords(corpus: Corpus, model_name: str, max_length: int) -> EncodedCorpus:
     tokenizer = load_tokenizer(model_name)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = subword_pad_id(tokenizer)
 
     def encode(split: Split) -> EncodedSplit:
-        rows = tokenizer(list(split.texts), truncation=True, max_length=max_length)["input_ids"] if len(split) else []
-        return _encoded_split(rows, split, pad_id)
+        return _encoded_split(subword_rows(split.texts, tokenizer, max_length), split, pad_id)
 
     return EncodedCorpus(encode(corpus.train), encode(corpus.dev), encode(corpus.test), pad_id=pad_id)
 

@@ -55,16 +55,14 @@ class Predictor:
 
     def encode(self, texts: Sequence[str]):
         """`texts` as an `EncodedSplit` (targets are zeros), encoded the way the training data was."""
-        from vadsearch.encoding import EncodedSplit, pad_rows, word_tokenize
+        from vadsearch.encoding import EncodedSplit, pad_rows, subword_pad_id, subword_rows, word_rows
 
         texts = [str(t) for t in texts]
         if self.vocab is not None:
-            rows = [self.vocab.encode(tokens) for tokens in word_tokenize(texts, self.config.lowercase)]
-            pad_id = 0
+            rows, pad_id = word_rows(texts, self.vocab, self.config.lowercase), 0
         else:
-            encoded = self.tokenizer(texts, truncation=True, max_length=self.config.max_length) if texts else None
-            rows = encoded["input_ids"] if encoded else []
-            pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            rows = subword_rows(texts, self.tokenizer, self.config.max_length)
+            pad_id = subword_pad_id(self.tokenizer)
         ids, lengths = pad_rows(rows, pad_id)
         return EncodedSplit(ids, lengths, np.zeros((len(rows), 3), dtype=np.float32))
 
@@ -148,7 +146,9 @@ def trial_run_dir(trial: optuna.trial.FrozenTrial, study_name: str, artifacts: s
     if not stored:
         raise StorageError(f"trial {trial.number} of {study_name!r} has no checkpoint_dir: no vadsearch worker ran it")
     if artifacts is not None:
-        return Path(artifacts) / study_name / Path(stored).name
+        from vadsearch.checkpoint import run_directory
+
+        return run_directory(artifacts, study_name, Path(stored).name)
     return Path(stored)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,18 @@ from helpers import synthetic_rows, write_csv
 from vadsearch.data import Corpus, load_corpus
 
 REAL_DATA_PATH = (Path(__file__).parents[1] / ".." / "shared" / "data" / "emobank.csv").resolve()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Caches written by the code under test (word tokens) go to a session folder, never the user's."""
+    saved = os.environ.get("VADSEARCH_CACHE")
+    os.environ["VADSEARCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if saved is None:
+        os.environ.pop("VADSEARCH_CACHE", None)
+    else:
+        os.environ["VADSEARCH_CACHE"] = saved
 
 
 @pytest.fixture(scope="session")

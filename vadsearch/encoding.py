@@ -79,8 +79,10 @@ def word_tokenize(texts: Iterable[str], lowercase: bool) -> list[list[str]]:
 
 @functools.cache
 def _blank_english():
-    import spacy
-
+    try:
+        import spacy
+    except ImportError:
+        raise ConfigError("the LSTM splits words with spaCy, which is not installed: pip install spacy") from None
     return spacy.blank("en")
 
 
@@ -115,15 +117,19 @@ def encode_words(corpus: Corpus, lowercase: bool = True, min_freq: int = 1) -> E
 
 
 def _encode_words(corpus: Corpus, lowercase: bool, min_freq: int) -> EncodedCorpus:
-    vocab = Vocabulary.build(word_tokenize(corpus.train.texts, lowercase), min_freq)
+    from vadsearch.wordcache import corpus_tokens
+
+    tokens = corpus_tokens(corpus, lowercase, word_tokenize)
+    vocab = Vocabulary.build(tokens["train"], min_freq)
     splits = {
-        name: _encoded_split(word_rows(corpus.splits[name].texts, vocab, lowercase), corpus.splits[name], pad_id=0)
+        name: _encoded_split([vocab.encode(t) for t in tokens[name]], corpus.splits[name], pad_id=0)
         for name in ("train", "dev", "test")
     }
     return EncodedCorpus(**splits, pad_id=0, vocab=vocab)
 
 
-# Training and prediction encode text through these two functions alone, so they can never disagree.
+# Training (through the token cache) and prediction split words with word_tokenize alone, and encode
+# subwords with subword_rows alone, so they can never disagree.
 def word_rows(texts: Iterable[str], vocab: Vocabulary, lowercase: bool) -> list[list[int]]:
     return [vocab.encode(tokens) for tokens in word_tokenize(texts, lowercase)]
 

@@ -15,7 +15,13 @@ from vadsearch.data import Corpus
 from vadsearch.encoding import encode_words
 from vadsearch.errors import ConfigError
 from vadsearch.models import build_model, trainable_parameters
-from vadsearch.models.bert import BertRegressor, apply_trainable_window, layer_window, load_encoder
+from vadsearch.models.bert import (
+    BertRegressor,
+    apply_trainable_window,
+    layer_window,
+    load_encoder,
+    takes_prepared_mask,
+)
 from vadsearch.models.lstm import LSTMRegressor
 
 MEANS = np.array([3.1, 2.9, 3.2])
@@ -212,6 +218,43 @@ def test_bert_lengths_matter(tiny_bert_dir: str) -> None:
     ids = torch.tensor([[2, 7, 8, 3, 0, 0, 0, 0]])
     with torch.no_grad():
         assert not torch.allclose(model(ids, torch.tensor([4])), model(ids, torch.tensor([8])), atol=1e-4)
+
+
+def test_bert_passes_a_prepared_mask_that_means_the_same(tiny_bert_dir: str) -> None:
+    # The prepared mask spares transformers' SDPA path its per-step "any padding?" host sync.
+    model = _bert(tiny_bert_dir).eval()
+    assert model.prepared_mask
+    ids, lengths = torch.randint(5, 20, (3, 8)), torch.tensor([8, 3, 5])
+    with torch.no_grad():
+        prepared = model(ids, lengths)
+        model.prepared_mask = False
+        plain = model(ids, lengths)
+    torch.testing.assert_close(prepared, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_an_encoder_that_misreads_a_prepared_mask_keeps_the_plain_one(tiny_bert_dir: str) -> None:
+    encoder = load_encoder(tiny_bert_dir).train()
+    assert takes_prepared_mask(encoder)
+    assert encoder.training  # the check leaves the module in the mode it found it
+    forward = encoder.forward
+
+    def flat_masks_only(input_ids, attention_mask):
+        if attention_mask.ndim != 2:
+            raise ValueError("a 2-D mask please")
+        return forward(input_ids=input_ids, attention_mask=attention_mask)
+
+    encoder.forward = flat_masks_only
+    assert not takes_prepared_mask(encoder)
+    def prepared_read_as_no_padding(input_ids, attention_mask):
+        if attention_mask.ndim != 2:
+            attention_mask = torch.ones(input_ids.shape, dtype=torch.long)
+        return forward(input_ids=input_ids, attention_mask=attention_mask)
+
+    encoder.forward = prepared_read_as_no_padding
+    assert not takes_prepared_mask(encoder)
+    encoder.forward = forward
+    encoder.config._attn_implementation = "eager"  # adds masks as float biases: a bool one would be wrong
+    assert not takes_prepared_mask(encoder)
 
 
 def _expected_trainable(names: list[str], window: list[int], train_embeddings: bool) -> list[str]:

@@ -17,7 +17,8 @@ from vadsearch import train as train_module
 from vadsearch.config import TrainConfig
 from vadsearch.data import Corpus, load_corpus
 from vadsearch.encoding import encode_corpus
-from vadsearch.errors import ConfigError, TrainingError
+from vadsearch.checkpoint import BackgroundWriter, RunDirectory
+from vadsearch.errors import CheckpointError, ConfigError, TrainingError
 from vadsearch.metrics import constant_baseline, mean_baseline
 from vadsearch.train import EpochResult, RunResult, resolve_device, train
 
@@ -459,3 +460,75 @@ def test_lstm_beats_the_constant_baseline_on_real_data(real_corpus: Corpus, one_
     started = time.perf_counter()
     result = _run(config, real_corpus)
     assert result.dev.mse < 0.0751, f"dev MSE {result.dev.mse:.4f} after {time.perf_counter() - started:.0f} s"
+
+
+# ------------------------------------------------------------------------------ background checkpoints
+
+
+def _slow_saves(monkeypatch: pytest.MonkeyPatch, seconds: float = 0.3) -> None:
+    real = RunDirectory.save
+
+    def slow(self, *args, **kwargs):
+        time.sleep(seconds)  # a large model's checkpoint: seconds of disk I/O
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(RunDirectory, "save", slow)
+
+
+def test_training_goes_on_while_a_checkpoint_is_written(
+    tiny_corpus: Corpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uninterrupted: RunResult
+) -> None:
+    _slow_saves(monkeypatch)
+    on_disk_when_reported = []
+    result = _run(TINY_LSTM, tiny_corpus, tmp_path,
+                  on_epoch=lambda e: on_disk_when_reported.append((tmp_path / f"epoch-{e.epoch:04d}.pt").exists()))
+    assert on_disk_when_reported == [False] * 4  # each epoch's write was still in flight
+    assert (tmp_path / "epoch-0004.pt").is_file()  # ...and the last one landed before train returned
+    assert _epochs(result) == _epochs(uninterrupted)
+    resumed = _run(TINY_LSTM.replace(max_epochs=4), tiny_corpus, tmp_path)
+    assert resumed.resumed_from == 4 and _epochs(resumed) == _epochs(uninterrupted)
+
+
+def test_an_exception_waits_for_the_checkpoint_in_flight(
+    tiny_corpus: Corpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uninterrupted: RunResult
+) -> None:
+    _slow_saves(monkeypatch)
+
+    def stop_at_two(epoch: EpochResult) -> None:
+        if epoch.epoch == 2:
+            raise _Interrupt("pruned")
+
+    with pytest.raises(_Interrupt):
+        _run(TINY_LSTM, tiny_corpus, tmp_path, on_epoch=stop_at_two)
+    assert (tmp_path / "epoch-0002.pt").is_file()
+    monkeypatch.undo()
+    resumed = _run(TINY_LSTM, tiny_corpus, tmp_path)
+    assert resumed.resumed_from == 2 and _epochs(resumed) == _epochs(uninterrupted)
+
+
+def test_a_failed_background_write_fails_the_run(
+    tiny_corpus: Corpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(self, state, *args):
+        if state["epoch"] == 2:
+            raise CheckpointError("cannot write checkpoint: No space left on device")
+
+    monkeypatch.setattr(RunDirectory, "save", disk_full)
+    trained = []
+    with pytest.raises(CheckpointError, match="No space left"):
+        _run(TINY_LSTM, tiny_corpus, tmp_path, on_epoch=lambda e: trained.append(e.epoch))
+    assert trained[:2] == [1, 2] and len(trained) <= 3  # noticed at the next epoch's save at the latest
+
+
+def test_the_writer_saves_a_snapshot_not_the_live_tensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _slow_saves(monkeypatch, 0.2)
+    weights = torch.zeros(4)
+    state = {"fingerprint": "f", "data_sha256": "d", "epoch": 1, "best_epoch": 1, "model": {"w": weights},
+             "optimizer": {"state": {0: {"exp_avg": weights}}, "param_groups": [{"params": [0]}]}}
+    writer = BackgroundWriter(RunDirectory(tmp_path))
+    writer.save(state, {"w": weights.clone()}, previous_best=0)
+    weights += 1  # the next training step, while the write is in flight
+    writer.wait()
+    saved = torch.load(tmp_path / "epoch-0001.pt", weights_only=True)
+    assert saved["model"]["w"].tolist() == [0.0] * 4
+    assert saved["optimizer"]["state"][0]["exp_avg"].tolist() == [0.0] * 4

@@ -39,11 +39,18 @@ class LaunchPlan:
 
     def environment(self, index: int) -> dict[str, str]:
         env = dict(os.environ)
+        # A share of the cores each: N workers each running a thread per core would spin against one
+        # another on their CPU-side work (torchrun sets this too). A value the user set is kept.
+        env.setdefault("OMP_NUM_THREADS", str(threads_per_worker(self.workers)))
         if self.storage:
             env["VADSEARCH_STORAGE"] = self.storage
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = self.gpus[index % len(self.gpus)]  # round-robin over the GPUs
         return env
+
+
+def threads_per_worker(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)
 
 
 def parse_gpus(text: str | None) -> tuple[str, ...]:

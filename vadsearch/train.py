@@ -7,6 +7,7 @@ split is touched only after training, with the best epoch's weights, for reporti
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -19,13 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from vadsearch.batching import collate, eval_batches, train_batches
-from vadsearch.checkpoint import RunDirectory
+from vadsearch.checkpoint import BackgroundWriter, RunDirectory
 from vadsearch.config import TrainConfig
 from vadsearch.data import Corpus
 from vadsearch.encoding import EncodedSplit, encode_corpus
 from vadsearch.errors import ConfigError, TrainingError
 from vadsearch.metrics import Scores, score, train_means
 from vadsearch.seeding import capture_rng, restore_rng, seed_everything
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,47 @@ def _baseline(config: TrainConfig, corpus: Corpus) -> RunResult:
     return RunResult(config, best_epoch=0, dev=evaluate(corpus.dev), test=evaluate(corpus.test))
 
 
+def _epochs(config, corpus, encoded, model, optimizer, scheduler, device, history, best_epoch, best_model,
+            writer, on_epoch, progress):
+    """Train the epochs still to do; return (best epoch, its weights, whether patience ran out)."""
+    fingerprint = config.fingerprint()
+    stopped_early = _patience_exhausted(history, best_epoch, config.patience)
+    for epoch in range(len(history) + 1, config.max_epochs + 1):
+        if stopped_early:
+            break
+        epoch_started = time.perf_counter()
+        loss = _train_epoch(model, encoded.train, optimizer, scheduler, config, epoch, device, progress)
+        dev = score(predict(model, encoded.dev, config.eval_batch_size, device), encoded.dev.targets)
+        if not (math.isfinite(loss) and math.isfinite(dev.mse)):
+            raise TrainingError(f"training diverged at epoch {epoch} (loss {loss}): lower the learning rate")
+        previous_best = best_epoch
+        improved = best_epoch == 0 or dev.mse < history[best_epoch - 1].dev.mse
+        if improved:
+            best_epoch = epoch
+            best_model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        history.append(EpochResult(epoch, loss, dev, time.perf_counter() - epoch_started, improved))
+        if writer:
+            state = {
+                "fingerprint": fingerprint,
+                "data_sha256": corpus.sha256,
+                "config": config.to_dict(),
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": capture_rng(),
+                "history": [h.as_dict() for h in history],
+                "best_epoch": best_epoch,
+                "vocab": list(encoded.vocab.itos) if encoded.vocab else None,
+            }
+            writer.save(state, best_model if improved else None, previous_best)
+        if on_epoch:
+            on_epoch(history[-1])
+        stopped_early = _patience_exhausted(history, best_epoch, config.patience)
+
+    return best_epoch, best_model, stopped_early
+
+
 def train(
     config: TrainConfig,
     corpus: Corpus,
@@ -188,8 +232,9 @@ def train(
 ) -> RunResult:
     """Train `config` on `corpus`, resuming from the checkpoints in `run_dir` when there are any.
 
-    `on_epoch` runs after each epoch's checkpoint is written, so an exception it raises (a pruned
-    trial, Ctrl-C) leaves the run resumable from that epoch. Epochs restored from a checkpoint are
+    `on_epoch` runs after each epoch's checkpoint is taken. It is written on a thread while training
+    goes on, and waited for before this function returns or raises, so an exception `on_epoch` raises
+    (a pruned trial, Ctrl-C) leaves the run resumable from that epoch. Epochs restored from a checkpoint are
     passed to it first (with `restored=True`), so a caller that records per-epoch values loses none.
     """
     started = time.perf_counter()
@@ -231,39 +276,20 @@ def train(
         if on_epoch:
             on_epoch(dataclasses.replace(restored, restored=True))
 
-    stopped_early = _patience_exhausted(history, best_epoch, config.patience)
-    for epoch in range(len(history) + 1, config.max_epochs + 1):
-        if stopped_early:
-            break
-        epoch_started = time.perf_counter()
-        loss = _train_epoch(model, encoded.train, optimizer, scheduler, config, epoch, dev_device, progress)
-        dev = score(predict(model, encoded.dev, config.eval_batch_size, dev_device), encoded.dev.targets)
-        if not (math.isfinite(loss) and math.isfinite(dev.mse)):
-            raise TrainingError(f"training diverged at epoch {epoch} (loss {loss}): lower the learning rate")
-        previous_best = best_epoch
-        improved = best_epoch == 0 or dev.mse < history[best_epoch - 1].dev.mse
-        if improved:
-            best_epoch = epoch
-            best_model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        history.append(EpochResult(epoch, loss, dev, time.perf_counter() - epoch_started, improved))
-        if run:
-            state = {
-                "fingerprint": fingerprint,
-                "data_sha256": corpus.sha256,
-                "config": config.to_dict(),
-                "epoch": epoch,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": capture_rng(),
-                "history": [h.as_dict() for h in history],
-                "best_epoch": best_epoch,
-                "vocab": list(encoded.vocab.itos) if encoded.vocab else None,
-            }
-            run.save(state, best_model if improved else None, previous_best)
-        if on_epoch:
-            on_epoch(history[-1])
-        stopped_early = _patience_exhausted(history, best_epoch, config.patience)
+    writer = BackgroundWriter(run) if run else None
+    try:
+        best_epoch, best_model, stopped_early = _epochs(
+            config, corpus, encoded, model, optimizer, scheduler, dev_device, history, best_epoch, best_model,
+            writer, on_epoch, progress)
+    except BaseException:
+        if writer:
+            try:
+                writer.wait()  # the last epoch that was saved stays resumable
+            except Exception as exc:
+                log.warning("the last checkpoint was not written either: %s", exc)
+        raise
+    if writer:
+        writer.wait()  # on disk before the trial can be reported finished
 
     model.load_state_dict(best_model)
     test = None

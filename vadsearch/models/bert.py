@@ -31,12 +31,46 @@ class BertRegressor(nn.Module):
         with torch.no_grad():
             # Starting at the training means instead of 0 saves the first epoch (MSE ≈ 9 otherwise).
             self.head.bias.copy_(torch.as_tensor(output_bias, dtype=torch.float32))
+        self.prepared_mask = takes_prepared_mask(encoder)
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        lengths = lengths.to(ids.device, non_blocking=True)
-        mask = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
-        hidden = self.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        return self.head(self.dropout(hidden[:, 0]))
+        hidden = self.encoder(input_ids=ids, attention_mask=attention_mask(ids, lengths, self.prepared_mask))
+        return self.head(self.dropout(hidden.last_hidden_state[:, 0]))
+
+
+def attention_mask(ids: torch.Tensor, lengths: torch.Tensor, prepared: bool) -> torch.Tensor:
+    lengths = lengths.to(ids.device, non_blocking=True)
+    mask = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
+    # A 2-D mask makes transformers' SDPA path ask the GPU whether the batch has any padding
+    # (`mask.all()`): a host sync on every step. A prepared (batch, 1, 1, length) one is used as it is.
+    return mask[:, None, None, :] if prepared else mask.long()
+
+
+def takes_prepared_mask(encoder: nn.Module) -> bool:
+    """Whether `encoder` gives the same output for a prepared boolean mask as for a 2-D one.
+
+    Checked once on a short padded batch rather than assumed from the model type: encoders differ in
+    how they read masks, and one that would misread it keeps the 2-D mask.
+    """
+    if getattr(encoder.config, "_attn_implementation", None) != "sdpa":
+        return False  # eager attention adds the mask as a float bias: only the 2-D mask means the same
+    vocab = int(getattr(encoder.config, "vocab_size", 100))
+    ids = torch.randint(5, max(6, vocab), (2, 6), generator=torch.Generator().manual_seed(0))
+    lengths = torch.tensor([6, 3])
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            device = next(encoder.parameters()).device
+            ids = ids.to(device)
+            plain = encoder(input_ids=ids, attention_mask=attention_mask(ids, lengths, False)).last_hidden_state
+            prepared = encoder(input_ids=ids, attention_mask=attention_mask(ids, lengths, True)).last_hidden_state
+        valid = attention_mask(ids, lengths, False).bool()
+        return bool(torch.allclose(plain[valid], prepared[valid], atol=1e-4, rtol=1e-4))
+    except Exception:  # any encoder that rejects a 4-D mask keeps the 2-D one
+        return False
+    finally:
+        encoder.train(was_training)
 
 
 def layer_window(spec: str, n_layers: int) -> range:

@@ -44,8 +44,11 @@ class LSTMRegressor(nn.Module):
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         embedded = self.dropout(self.embedding(ids))
         # Packing makes the final state that of each sentence's last real token, not of its padding.
-        packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        _, (hidden, _) = self.lstm(packed)
+        packed = pack_padded_sequence(embedded.float(), lengths.cpu(), batch_first=True, enforce_sorted=False)
+        # fp32 (TF32 on GPUs) even under bf16 autocast: bf16 recurrent kernels are missing from some
+        # cuDNN builds, and a step-by-step recurrence at these widths is bound by latency, not arithmetic.
+        with torch.autocast(device_type=ids.device.type, enabled=False):
+            _, (hidden, _) = self.lstm(packed)
         directions = 2 if self.lstm.bidirectional else 1
         last_layer = torch.cat(list(hidden[-directions:]), dim=-1)  # (batch, hidden * directions)
         return self.head(self.dropout(last_layer))

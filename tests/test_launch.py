@@ -1,0 +1,49 @@
+"""How `launch` starts its workers: GPUs, storage URL and CPU threads through each worker's environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vadsearch.errors import ConfigError
+from vadsearch.launch import LaunchPlan, parse_gpus, threads_per_worker
+
+
+def test_workers_go_round_robin_over_the_gpus() -> None:
+    plan = LaunchPlan(Path("s.toml"), workers=5, gpus=("0", "3"))
+    assert [plan.environment(i)["CUDA_VISIBLE_DEVICES"] for i in range(5)] == ["0", "3", "0", "3", "0"]
+
+
+def test_the_storage_url_travels_in_the_environment_not_the_command_line() -> None:
+    secret = "postgresql://vad:hunter2@db/vad"
+    plan = LaunchPlan(Path("s.toml"), workers=1, storage=secret)
+    assert plan.environment(0)["VADSEARCH_STORAGE"] == secret
+    assert not any("hunter2" in part for part in plan.command())
+
+
+def test_each_worker_gets_its_share_of_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert LaunchPlan(Path("s.toml"), workers=8).environment(0)["OMP_NUM_THREADS"] == "2"
+    assert LaunchPlan(Path("s.toml"), workers=32).environment(0)["OMP_NUM_THREADS"] == "1"
+    assert threads_per_worker(3) == 5
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")  # the user's choice wins
+    assert LaunchPlan(Path("s.toml"), workers=8).environment(0)["OMP_NUM_THREADS"] == "6"
+
+
+@pytest.mark.parametrize("text", ["a", "0;1", "gpu0", "-1"])
+def test_bad_gpu_lists_are_one_line_errors(text: str) -> None:
+    with pytest.raises(ConfigError, match="--gpus takes GPU indices"):
+        parse_gpus(text)
+
+
+def test_gpu_lists_parse() -> None:
+    assert parse_gpus("0, 1,,2") == ("0", "1", "2")
+    assert parse_gpus(None) == ()
+
+
+def test_at_least_one_worker() -> None:
+    with pytest.raises(ConfigError, match="at least 1"):
+        LaunchPlan(Path("s.toml"), workers=0)

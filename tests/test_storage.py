@@ -87,3 +87,35 @@ def test_study_lock_is_exclusive_on_postgres():
     except StorageError as exc:
         pytest.skip(f"no PostgreSQL: {exc}")
     _assert_exclusive(storage, "lock-test")
+
+
+def _attrs_round_trip(storage) -> None:
+    import uuid
+
+    import optuna
+
+    from vadsearch.storage import has_waiting_trial, set_user_attrs
+
+    study = optuna.create_study(study_name=f"attrs-{uuid.uuid4().hex[:8]}", storage=storage)
+    study.enqueue_trial({"x": 1.0}, user_attrs={"point": "p"})
+    assert has_waiting_trial(study)
+    trial = study.ask()
+    assert not has_waiting_trial(study)
+    set_user_attrs(trial, {"worker": "w1", "config": {"lr": 0.1, "layers": [1, 2]}})
+    set_user_attrs(trial, {"worker": "w2", "best_epoch": 3})  # an overwrite and a new one, together
+    assert study.trials[0].user_attrs == {"point": "p", "worker": "w2", "config": {"lr": 0.1, "layers": [1, 2]},
+                                          "best_epoch": 3}
+    study.tell(trial, 0.5)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        set_user_attrs(trial, {"late": True})
+    assert "late" not in study.trials[0].user_attrs
+    optuna.delete_study(study_name=study.study_name, storage=storage)
+
+
+def test_set_user_attrs_in_one_statement_on_sqlite(tmp_path):
+    _attrs_round_trip(open_storage(f"sqlite:///{tmp_path}/a.db"))
+
+
+@pytest.mark.postgres
+def test_set_user_attrs_in_one_statement_on_postgres(postgres):
+    _attrs_round_trip(postgres)

@@ -239,23 +239,79 @@ def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator
 
 
 def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
-    """Several user attributes of a running trial in ONE transaction instead of one each.
+    """Several user attributes of a running trial in ONE transaction: a read of its state, one upsert.
 
-    Every commit is a disk flush on SQLite and a round trip on PostgreSQL; a trial's bookkeeping is a
-    dozen attributes. Optuna has no public batch call, so this uses RDBStorage's per-attribute helper
-    inside one session, and falls back to `set_user_attr` for any other storage.
+    Every commit is a disk flush on SQLite and a round trip on PostgreSQL, and Optuna's own per-attribute
+    path re-reads the trial and the attribute for each one. Optuna has no public batch call, so this
+    writes through RDBStorage's models (the same checks: the trial must still be running), and falls back
+    to `set_user_attr` for any other storage.
     """
+    import json
+
     backend = getattr(trial.storage, "_backend", trial.storage)
     try:
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
 
-        write_one = backend._set_trial_attr_without_commit
+        session_factory, check = backend.scoped_session, backend.check_trial_is_updatable
     except (ImportError, AttributeError):
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         return
-    with _create_scoped_session(backend.scoped_session, True) as session:
-        for key, value in attrs.items():
-            write_one(session, models.TrialUserAttributeModel, trial._trial_id, key, value)
+    attribute = models.TrialUserAttributeModel
+    trial_id = trial._trial_id
+    rows = [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)} for key, value in attrs.items()]
+    dialect = backend.engine.name
+    with _create_scoped_session(session_factory, True) as session:
+        state = session.query(models.TrialModel.state).filter(models.TrialModel.trial_id == trial_id).scalar()
+        if state is None:
+            raise KeyError(f"no trial with id {trial_id}")
+        check(trial_id, state)
+        if dialect == "postgresql" or (dialect == "sqlite" and _sqlite_upserts()):
+            # One statement for every attribute: insert, or update the ones already there.
+            insert = _dialect_insert(dialect)(attribute).values(rows)
+            session.execute(insert.on_conflict_do_update(
+                index_elements=[attribute.trial_id, attribute.key], set_={"value_json": insert.excluded.value_json}))
+            return
+        # Other databases: read the existing ones, then update or add. Only a trial's own worker writes
+        # its attributes while it runs, so no other insert can race these.
+        existing = {row.key: row for row in session.query(attribute).filter(
+            attribute.trial_id == trial_id, attribute.key.in_(list(attrs)))}
+        for row in rows:
+            if row["key"] in existing:
+                existing[row["key"]].value_json = row["value_json"]
+            else:
+                session.add(attribute(**row))
 
+
+def _sqlite_upserts() -> bool:
+    import sqlite3
+
+    return sqlite3.sqlite_version_info >= (3, 24, 0)  # ON CONFLICT ... DO UPDATE
+
+
+def _dialect_insert(dialect: str):
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
+
+
+def has_waiting_trial(study: optuna.Study) -> bool:
+    """Whether any trial of `study` waits to be run: one indexed query, not a read of every trial."""
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    backend = getattr(storage, "_backend", storage)
+    try:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        session_factory = backend.scoped_session
+    except (ImportError, AttributeError):
+        return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    trial = models.TrialModel
+    with _create_scoped_session(session_factory) as session:
+        return session.query(trial.trial_id).filter(
+            trial.study_id == study._study_id, trial.state == TrialState.WAITING).first() is not None

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vadsearch.errors import CheckpointError, StudyFileError
-from vadsearch.storage import mask, open_storage, set_user_attrs, storage_url, study_lock
+from vadsearch.storage import has_waiting_trial, mask, open_storage, set_user_attrs, storage_url, study_lock
 from vadsearch.studyfile import StudySpec
 
 if TYPE_CHECKING:
@@ -79,6 +79,16 @@ class WorkerSummary:
     trials: list[int] = field(default_factory=list)
     states: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     stopped: str = ""  # why the worker stopped: finished, n-trials, timeout, interrupted
+
+
+@dataclass
+class _Outcome:
+    """How the objective of one trial ended: what the worker does once Optuna has stored it."""
+
+    number: int
+    state: str = "FAIL"
+    value: float | None = None
+    run_dir: Path | None = None
 
 
 @dataclass
@@ -222,6 +232,7 @@ class Worker:
         self._taken_over: int | None = None  # a trial another worker took over from this one
         self._machine_fault: CheckpointError | None = None  # disk full or read-only: stop after the trial
         self._storage = None
+        self._outcome: _Outcome | None = None  # of the trial in hand; settled after Optuna stored it
 
     # --- before the first trial: everything that could fail for every trial fails here, once -----
     def preflight(self) -> None:
@@ -287,7 +298,6 @@ class Worker:
 
     def _loop(self, study: optuna.Study, started: float) -> str:
         import optuna
-        from optuna.trial import TrialState
 
         opts = self.options
         while True:
@@ -295,21 +305,22 @@ class Worker:
                 return "n-trials"
             if opts.timeout is not None and time.monotonic() - started >= opts.timeout:
                 return "timeout"
-            trials = study.get_trials(deepcopy=False)
-            points = survey(self.spec, trials, opts.max_stale_retries)
-            if finished(self.spec, points):
-                return "finished"
-            waiting = any(t.state == TrialState.WAITING for t in trials)
-            if not waiting and reconcile(study, self.spec, opts.max_stale_retries) == 0:
-                in_hand = sum(p.settled or p.active for p in points.values())
-                if self.spec.sampler == "grid" or in_hand >= self.spec.max_trials:
+            # A grid with a waiting point is unfinished and has work in hand: no need to read every
+            # trial (which grows with the study) before each one.
+            if not (self.spec.sampler == "grid" and has_waiting_trial(study)):
+                state = self._survey_and_queue(study)
+                if state == "finished":
+                    return "finished"
+                if state == "wait":
                     # Every open point runs elsewhere: wait, in case one of those workers dies.
                     optuna.storages.fail_stale_trials(study)
                     time.sleep(opts.poll_interval)
                     continue
             self._taken_over = self._machine_fault = None
             try:
-                study.optimize(self._objective, n_trials=1, catch=(Exception,), callbacks=[self._record])
+                self._outcome = None
+                study.optimize(self._objective, n_trials=1, catch=(Exception,))
+                self._settle(study)
                 if self._machine_fault is not None:
                     # Every trial here would fail the same way: requeue this one and stop, saying why.
                     reconcile(study, self.spec, opts.max_stale_retries)
@@ -331,20 +342,48 @@ class Worker:
                 log.warning("trial %d was taken over by another worker while this one could not reach the "
                             "database; its result here is not recorded", self._taken_over)
 
-    def _record(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        """After Optuna stored the trial's final state (a kill before that must find the checkpoints)."""
-        if trial.user_attrs.get("orphan"):
+    def _survey_and_queue(self, study: optuna.Study) -> str:
+        """`finished`, `wait` (every open point runs elsewhere) or `run` (a trial waits to be run)."""
+        from optuna.trial import TrialState
+
+        max_stale = self.options.max_stale_retries
+        trials = study.get_trials(deepcopy=False)
+        points = survey(self.spec, trials, max_stale)
+        if finished(self.spec, points):
+            return "finished"
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        if not waiting and reconcile(study, self.spec, max_stale) == 0:
+            in_hand = sum(p.settled or p.active for p in points.values())
+            if self.spec.sampler == "grid" or in_hand >= self.spec.max_trials:
+                return "wait"
+        return "run"
+
+    def _settle(self, study: optuna.Study) -> None:
+        """After Optuna stored the trial's final state (a kill before that must find the checkpoints).
+
+        The outcome comes from the objective itself, not from an Optuna callback, which would read the
+        whole trial back from the storage once more per trial. When `optimize` returns, the state the
+        objective ended in is stored: a returned value as COMPLETE, a pruning as PRUNED, an error as FAIL.
+        """
+        outcome, self._outcome = self._outcome, None
+        if outcome is None:  # an orphan, or a trial that never reached the objective
             return
-        self.summary.trials.append(trial.number)
-        self.summary.states[trial.state.name] += 1
-        if trial.state.name == "COMPLETE":
+        self.summary.trials.append(outcome.number)
+        self.summary.states[outcome.state] += 1
+        if outcome.state == "COMPLETE":
             from vadsearch.retention import retain
 
-            retain(study, self.options.keep, trial_number=trial.number, run_dir=trial.user_attrs["checkpoint_dir"],
-                   dev_mse=trial.value, root=self.options.artifacts / self.spec.name)
+            retain(study, self.options.keep, trial_number=outcome.number, run_dir=outcome.run_dir,
+                   dev_mse=outcome.value, root=self.options.artifacts / self.spec.name)
 
     # --- one trial ---------------------------------------------------------------------------------
     def _objective(self, trial: optuna.Trial) -> float:
+        self._outcome = _Outcome(trial.number)
+        value = self._train_trial(trial)
+        self._outcome.state, self._outcome.value = "COMPLETE", value
+        return value
+
+    def _train_trial(self, trial: optuna.Trial) -> float:
         import optuna
 
         from vadsearch.checkpoint import run_directory
@@ -355,12 +394,16 @@ class Worker:
             # Another worker took the last waiting point between our look and Optuna's; Optuna then
             # made a fresh trial. Mark it so that reports and the queue ignore it.
             trial.set_user_attr("orphan", True)
+            self._outcome = None
             raise optuna.TrialPruned("no configuration was waiting")
         params = self.spec.suggest(trial)
         config = self.spec.config_for(params)
         run_dir = run_directory(self.options.artifacts, self.spec.name, config.fingerprint())
-        set_user_attrs(trial, {"point": point_key(params), "worker": self.name, "config": config.relevant(),
-                               "checkpoint_dir": str(run_dir)})
+        self._outcome.run_dir = run_dir
+        identity = {"worker": self.name, "config": config.relevant(), "checkpoint_dir": str(run_dir)}
+        if "point" not in trial.user_attrs:  # a queued point carries it from the queue already
+            identity["point"] = point_key(params)
+        set_user_attrs(trial, identity)
         log.info("trial %d: %s", trial.number, point_key(params))
 
         restored = 0
@@ -380,7 +423,10 @@ class Worker:
             result = train(config, self._corpus, run_dir=run_dir, device=self.options.device,
                            on_epoch=on_epoch, progress=self.options.progress)
             self._record_result(trial, result)
-        except (optuna.TrialPruned, DatabaseUnreachable):
+        except optuna.TrialPruned:
+            self._outcome.state = "PRUNED"
+            raise
+        except DatabaseUnreachable:
             raise
         except optuna.exceptions.UpdateFinishedTrialError:
             # Failed as stale by another worker while we could not reach the database: stop here.

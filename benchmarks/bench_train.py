@@ -1,88 +1,46 @@
-"""Training speed against a plain reference loop, measured in one run on one device.
+"""Training speed against the plain reference loop (reference.py), measured in one run on one device.
 
-    python benchmarks/bench_train.py --device cuda --workers 4           # the real thing, on a GPU
-    python benchmarks/bench_train.py --device cpu --small                # a smoke run (CI runs this)
+    python benchmarks/bench_train.py --device cuda --workers 8 --quality --compile    # on a GPU
+    python benchmarks/bench_train.py --device cpu --small                               # a smoke run (CI)
 
-The reference loop is what the course project ran: fp32, every batch padded to 128 tokens, batch 32,
-a non-fused AdamW, a host sync per step for the loss. The fast path is `vadsearch.train.train`: length
-buckets with dynamic padding, bf16 autocast and fused AdamW on CUDA, large evaluation batches. Random
-weights are fine for timing (same shapes); `--quality` adds a real pretrained check on the MiniLM.
-Prints a table of ratios; absolute seconds on shared machines are noise, ratios within one run are not.
+Rows, each a ratio against the reference loop measured in the same run:
+  bert, lstm        one trial: seconds of a warm epoch (the 2nd), reference loop vs vadsearch's loop
+  bert xN, lstm xN  N trials at once on the device: aggregate epochs per minute in steady state,
+                    peak memory reserved per worker, and the most device memory in use at once
+  grids             the report's grids projected from those rates: BERT 6x9 epochs, LSTM 72x9 epochs
+  quality           pretrained MiniLM, 3 epochs: best dev of vadsearch's loop vs the reference loop
+  compile           torch.compile on the one-trial BERT run: its first epoch (compiling) and a warm one
+
+Random weights are fine for timing (same shapes). Absolute seconds on shared machines are noise; ratios
+within one run are not.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-MINILM = REPO.parent / "shared" / "models" / "minilm-l6-h384-uncased-fp16"
-REFERENCE_PAD = 128
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference import MINILM, REPO, random_encoder_dir, reference_run  # noqa: E402
 
-
-def random_encoder_dir(small: bool, tokenizer_from: Path) -> Path:
-    """A randomly initialised BERT (base shapes, or tiny with --small) saved with a real tokenizer."""
-    from transformers import BertConfig, BertModel
-
-    out = Path(tempfile.mkdtemp(prefix="bench-bert-"))
-    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128) if small \
-        else BertConfig()
-    BertModel(config).save_pretrained(out)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tokenizer_from / name).exists():
-            shutil.copy(tokenizer_from / name, out / name)
-    return out
+BERT_GRID_EPOCHS = 6 * 9
+LSTM_GRID_EPOCHS = 72 * 9
 
 
-def reference_run(config, corpus, device: torch.device) -> tuple[float, float]:
-    """(seconds of the last epoch with its dev evaluation, best dev MSE) of the plain loop."""
-    from vadsearch.encoding import encode_corpus
-    from vadsearch.metrics import score, train_means
-    from vadsearch.models import build_model
+def load_corpus(data: Path, small: bool):
+    from vadsearch.data import load_emobank
 
-    torch.manual_seed(config.seed)
-    encoded = encode_corpus(config, corpus)
-    model = build_model(config, encoded, train_means(corpus)).to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
-
-    def padded(split, rows):
-        ids = np.full((len(rows), REFERENCE_PAD), encoded.pad_id, dtype=np.int64)
-        width = min(REFERENCE_PAD, split.ids.shape[1])
-        ids[:, :width] = split.ids[rows, :width]
-        targets = torch.from_numpy(split.targets[rows]).to(device)
-        return torch.from_numpy(ids).to(device), torch.from_numpy(split.lengths[rows]), targets
-
-    best, seconds = float("inf"), 0.0
-    for epoch in range(config.max_epochs):
-        started = time.perf_counter()
-        model.train()
-        order = np.random.default_rng([config.seed, epoch]).permutation(len(encoded.train))
-        for i in range(0, len(order), config.batch_size):
-            ids, lengths, targets = padded(encoded.train, order[i : i + config.batch_size])
-            loss = F.mse_loss(model(ids, lengths), targets)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            loss.item()  # the plain loop logs every step: a host sync
-        model.eval()
-        predictions = []
-        with torch.no_grad():
-            for i in range(0, len(encoded.dev), config.batch_size):
-                ids, lengths, _ = padded(encoded.dev, np.arange(i, min(i + config.batch_size, len(encoded.dev))))
-                predictions.append(model(ids, lengths).float().cpu().numpy())
-        seconds = time.perf_counter() - started
-        best = min(best, score(np.clip(np.concatenate(predictions), 1, 5), encoded.dev.targets).mse)
-    return seconds, best
+    corpus = load_emobank(data)
+    return corpus.subset(256, 64, 64) if small else corpus
 
 
 def fast_epochs(config, corpus, device: str) -> tuple[float, float, int]:
@@ -96,65 +54,170 @@ def fast_epochs(config, corpus, device: str) -> tuple[float, float, int]:
     return result.history[-1].seconds, result.dev.mse, peak
 
 
-def concurrent_epochs(args, model: str, extra: list[str], workers: int) -> float:
-    """Aggregate epochs per minute of `workers` `vadsearch train` processes started together."""
-    command = [sys.executable, "-m", "vadsearch.cli", "train", "--model", model, "--max-epochs", "1",
-               "--device", args.device, "--json", "--data", str(args.data), *extra]
-    started = time.perf_counter()
-    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-                 for _ in range(workers)]
-    results = [json.loads(p.communicate()[0]) for p in processes]
-    wall = time.perf_counter() - started
-    assert all(r["best_epoch"] == 1 for r in results)
-    return workers / wall * 60
+def compile_models(mode: str) -> None:
+    """Make every model train() builds a torch.compile'd one (measured here before the loop adopts it)."""
+    import vadsearch.models as models
+
+    build = models.build_model
+    models.build_model = lambda *a, **k: torch.compile(build(*a, **k), mode=None if mode == "default" else mode)
+
+
+def child(spec: dict) -> dict:
+    """One trial in its own process, recording when each epoch ended and the device memory in use."""
+    from vadsearch.config import TrainConfig
+    from vadsearch.train import train
+
+    if spec.get("compile"):
+        compile_models(spec["compile"])
+    corpus = load_corpus(Path(spec["data"]), spec["small"])
+    cuda = spec["device"].startswith("cuda")
+    ends, used = [], []
+
+    def on_epoch(_):
+        ends.append(time.time())
+        if cuda:
+            free, total = torch.cuda.mem_get_info()  # every process's use of the device
+            used.append(total - free)
+
+    result = train(TrainConfig.from_dict(spec["config"]), corpus, device=spec["device"], on_epoch=on_epoch)
+    return {"epoch_ends": ends, "epoch_seconds": [h.seconds for h in result.history],
+            "peak_reserved": torch.cuda.max_memory_reserved() if cuda else 0,
+            "device_used": max(used, default=0), "best_dev": result.dev.mse}
+
+
+def run_children(args, config, workers: int, compile_mode: str | None = None, timeout: float | None = None):
+    spec = {"config": config.to_dict(), "data": str(args.data), "small": args.small, "device": args.device,
+            "compile": compile_mode}
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    from vadsearch.launch import threads_per_worker
+
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads_per_worker(workers)))}
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                  env=env) for _ in range(workers)]
+    results = []
+    for process in processes:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in processes:
+                p.kill()  # a run past its time must not keep the device busy for the rows after it
+                p.wait()
+            raise
+        if process.returncode != 0:
+            raise RuntimeError(f"a benchmark worker failed:\n{err[-3000:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def concurrent(args, config, workers: int, reference_s: float) -> dict:
+    """N trials started together: the sum of their steady-state rates (epochs after each one's first)."""
+    results = run_children(args, config.replace(max_epochs=args.epochs_per_worker), workers)
+    rates = [(len(r["epoch_ends"]) - 1) / (r["epoch_ends"][-1] - r["epoch_ends"][0]) for r in results]
+    # The rates add up only over a span in which every worker was past its first epoch.
+    overlapped = max(r["epoch_ends"][0] for r in results) < min(r["epoch_ends"][-1] for r in results)
+    per_minute = 60 * sum(rates)
+    return {"finished": len(results), "epochs_per_min": per_minute, "vs_reference": per_minute * reference_s / 60,
+            "peak_mib_per_worker": max(r["peak_reserved"] for r in results) / 2**20,
+            "device_used_gib": max(r["device_used"] for r in results) / 2**30, "overlapped": float(overlapped)}
+
+
+def compiled(args, config, mode: str, eager: dict) -> dict:
+    """torch.compile in `mode` against `eager`, each in a fresh process: the first epoch (compiling) and a
+    warm one. `reduce-overhead` also captures CUDA graphs, one per batch shape."""
+    try:
+        (result,) = run_children(args, config.replace(max_epochs=2), 1, mode, timeout=args.compile_timeout)
+    except subprocess.TimeoutExpired:
+        print(f"compile {mode}: no figure, still running after {args.compile_timeout:.0f} s", file=sys.stderr)
+        return {"timed_out_s": args.compile_timeout}
+    except RuntimeError as exc:
+        print(f"compile {mode}: no figure, {exc}", file=sys.stderr)
+        return {"failed": 1.0}
+    first, warm = result["epoch_seconds"]
+    eager_first, eager_warm = eager["epoch_seconds"]
+    gain = eager_warm - warm
+    return {"first_epoch_s": first, "warm_s": warm, "eager_first_s": eager_first, "eager_warm_s": eager_warm,
+            "speedup": eager_warm / warm,
+            # Epochs of a trial after which compiling has paid for itself (inf: it never does).
+            "break_even_epochs": (first - eager_first) / gain if gain > 0 else math.inf}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="tiny models and a data subset: a smoke run")
-    parser.add_argument("--workers", type=int, default=4, help="concurrent trials for the throughput rows")
+    parser.add_argument("--workers", type=int, default=None, help="BERT trials at once (default 8; 2 with --small)")
+    parser.add_argument("--lstm-workers", type=int, default=None, help="LSTM trials at once (default: --workers)")
+    parser.add_argument("--models", default="bert,lstm", help="which models' rows to measure")
+    parser.add_argument("--epochs-per-worker", type=int, default=3, help="epochs each concurrent trial runs")
     parser.add_argument("--quality", action="store_true", help="MiniLM: fast vs reference best dev, 3 epochs")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile on the BERT trial")
+    parser.add_argument("--compile-only", action="store_true", help="only the torch.compile row")
+    parser.add_argument("--compile-modes", default="default", help="torch.compile modes, e.g. default,reduce-overhead")
+    parser.add_argument("--compile-timeout", type=float, default=240.0, help="seconds allowed per compiled run")
+    parser.add_argument("--minilm", type=Path, default=MINILM, help="the pretrained MiniLM (tokenizer and --quality)")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "emobank.csv")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return {}
+    workers = args.workers if args.workers is not None else (2 if args.small else 8)
+    lstm_workers = args.lstm_workers if args.lstm_workers is not None else workers
 
     from vadsearch.config import TrainConfig
-    from vadsearch.data import load_emobank
 
-    corpus = load_emobank(args.data)
-    if args.small:
-        corpus = corpus.subset(256, 64, 64)
+    corpus = load_corpus(args.data, args.small)
     device = torch.device(args.device)
-    encoder = random_encoder_dir(args.small, MINILM)
+    encoder = random_encoder_dir(args.small, args.minilm)
     bert = TrainConfig(model="bert", model_name=str(encoder), max_epochs=2, batch_size=32, lr=3e-5, optimizer="adamw")
     lstm = TrainConfig(model="lstm", max_epochs=2, batch_size=32, hidden_size=64 if args.small else 500,
                        layers=1 if args.small else 3, bidirectional=True, embedding_dim=300)
-    rows = {}
-    for name, config in (("bert", bert), ("lstm", lstm)):
+    rows: dict[str, dict[str, float]] = {}
+    try:
+        if not args.compile_only:
+            measure(args, corpus, device, bert, lstm, workers, lstm_workers, rows)
+        if args.compile or args.compile_only:
+            (eager,) = run_children(args, bert.replace(max_epochs=2), 1)
+            for mode in args.compile_modes.split(","):
+                rows[f"compile {mode}"] = compiled(args, bert, mode, eager)
+                _emit(rows, args)
+    finally:
+        shutil.rmtree(encoder, ignore_errors=True)
+    _emit(rows, args)
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
+    for name, values in rows.items():
+        print(name.ljust(24) + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
+    return rows
+
+
+def measure(args, corpus, device, bert, lstm, workers: int, lstm_workers: int, rows: dict) -> None:
+    for name, config, n in (("bert", bert, workers), ("lstm", lstm, lstm_workers)):
+        if name not in args.models.split(","):
+            continue
         reference_s, _ = reference_run(config.replace(max_epochs=1), corpus, device)
         fast_s, _, peak = fast_epochs(config, corpus, args.device)  # the 2nd epoch: warm caches
         rows[name] = {"reference_s": reference_s, "fast_s": fast_s, "speedup": reference_s / fast_s,
                       "peak_gpu_mib": peak / 2**20}
-    if not args.small:
-        bert_args = ["--model-name", str(encoder), "--batch-size", "32", "--optimizer", "adamw"]
-        per_minute = concurrent_epochs(args, "bert", bert_args, args.workers)
-        rows["bert"][f"throughput_x_{args.workers}_workers"] = per_minute / (60 / rows["bert"]["reference_s"])
-        rows["bert"]["projected_grid_min"] = 6 * 9 * 60 / per_minute  # the report's BERT grid
-        lstm_args = ["--hidden-size", "500", "--layers", "3", "--bidirectional"]
-        per_minute = concurrent_epochs(args, "lstm", lstm_args, args.workers)
-        rows["lstm"]["projected_grid_min"] = 72 * 9 * 60 / per_minute  # the report's LSTM grid
-    if args.quality and MINILM.is_dir():
-        minilm = bert.replace(model_name=str(MINILM), max_epochs=3, lr=5e-5)
+        if n:
+            rows[f"{name} x{n}"] = concurrent(args, config, n, reference_s)
+        _emit(rows, args)
+    if f"bert x{workers}" in rows and f"lstm x{lstm_workers}" in rows:
+        rows["grids"] = {"bert_6x9_min": BERT_GRID_EPOCHS / rows[f"bert x{workers}"]["epochs_per_min"],
+                         "lstm_72x9_min": LSTM_GRID_EPOCHS / rows[f"lstm x{lstm_workers}"]["epochs_per_min"]}
+    if args.quality and args.minilm.is_dir():
+        minilm = bert.replace(model_name=str(args.minilm), max_epochs=3, lr=5e-5)
         _, reference = reference_run(minilm, corpus, device)
         _, fast, _ = fast_epochs(minilm, corpus, args.device)
         rows["quality"] = {"reference_best_dev": reference, "fast_best_dev": fast,
                            "difference": abs(fast - reference)}  # target: within 0.002
-    shutil.rmtree(encoder, ignore_errors=True)
+    _emit(rows, args)
 
-    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
-    for name, values in rows.items():
-        print(name.ljust(8) + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
-    return rows
+
+def _emit(rows: dict, args) -> None:
+    """Rows so far, to --json: a run cut short by a time limit still leaves what it measured."""
+    if args.json:
+        args.json.write_text(json.dumps({"device": args.device, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

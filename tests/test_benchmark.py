@@ -1,24 +1,49 @@
-"""The training benchmark runs (small, on the CPU) and reports sane figures: correctness, not speed."""
+"""The benchmarks run (small, on the CPU) and report sane figures: correctness, not speed."""
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 pytestmark = pytest.mark.slow
 
 
-def test_small_benchmark_on_cpu(real_data_path, capsys):
-    if not (BENCH.parents[2] / "shared" / "models" / "minilm-l6-h384-uncased-fp16").is_dir():
+def _load(name: str):
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_small_training_benchmark_on_cpu(real_data_path, tmp_path, capsys):
+    bench = _load("bench_train")
+    if not bench.MINILM.is_dir():
         pytest.skip("the MiniLM tokenizer is needed for the benchmark's encoder")
-    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    rows = bench.main(["--device", "cpu", "--small", "--data", str(real_data_path)])
+    out = tmp_path / "rows.json"
+    rows = bench.main(["--device", "cpu", "--small", "--epochs-per-worker", "2", "--data", str(real_data_path),
+                       "--json", str(out)])
     for name in ("bert", "lstm"):
         assert rows[name]["reference_s"] > 0 and rows[name]["fast_s"] > 0 and rows[name]["speedup"] > 0
+        together = rows[f"{name} x2"]
+        assert together["finished"] == 2 and together["epochs_per_min"] > 0
+    # 6x9 and 72x9 epochs at the measured aggregate rates
+    assert rows["grids"]["bert_6x9_min"] == pytest.approx(54 / rows["bert x2"]["epochs_per_min"])
+    assert rows["grids"]["lstm_72x9_min"] == pytest.approx(648 / rows["lstm x2"]["epochs_per_min"])
+    assert '"speedup"' in out.read_text()
     assert "speedup" in capsys.readouterr().out
+
+
+def test_a_whole_grid_runs_through_launch(tiny_csv, tiny_bert_dir):
+    bench = _load("bench_grid")
+    study = BENCHMARKS.parent / "studies" / "bert.toml"
+    row = bench.main([str(study), "--workers", "2", "--device", "cpu", "--data", str(tiny_csv),
+                      "--model-name", tiny_bert_dir, "--set", "max_epochs=1"])
+    assert row["trials"] == row["complete"] == 6  # the report's 2 batch sizes x 3 learning rates
+    assert 0 < row["mean_trial_s"] < row["wall_s"]
+    assert 0 < row["best_dev"] < 10

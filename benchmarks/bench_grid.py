@@ -1,0 +1,82 @@
+"""A whole study run end to end through `vadsearch launch`, timed from the command to its last trial.
+
+    python benchmarks/bench_grid.py studies/bert.toml --workers 6 --random-base     # the report's BERT grid
+    python benchmarks/bench_grid.py studies/bert.toml --workers 2 --small --data tiny.csv --model-name DIR
+
+`--random-base` trains a randomly initialised bert-base (the timing of bert-base-uncased, which this
+machine may not be able to download). Everything, including each worker's start-up, model loading and
+checkpoint writes, is inside the wall time; storage and artifacts go to a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference import MINILM, REPO, random_encoder_dir  # noqa: E402
+
+
+def run(study: Path, workers: int, data: Path, device: str, sets: list[str], keep_dir: Path | None = None) -> dict:
+    import optuna
+
+    work = Path(tempfile.mkdtemp(prefix="bench-grid-"))
+    storage = f"sqlite:///{work / 'study.db'}"
+    command = [sys.executable, "-m", "vadsearch.cli", "launch", str(study), "--workers", str(workers),
+               "--storage", storage, "--artifacts", str(work / "artifacts"), "--log-dir", str(work / "logs"),
+               "--data", str(data), "--device", device]
+    for item in sets:
+        command += ["--set", item]
+    started = time.perf_counter()
+    finished = subprocess.run(command, cwd=REPO, env=dict(os.environ), capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if finished.returncode != 0:
+        logs = "".join(p.read_text()[-2000:] for p in sorted((work / "logs").glob("*.log")))
+        raise RuntimeError(f"launch failed ({finished.returncode}):\n{finished.stderr[-2000:]}\n{logs}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    (summary,) = optuna.get_all_study_summaries(storage)
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in complete]
+    if keep_dir:
+        shutil.copytree(work / "logs", keep_dir / "logs", dirs_exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return {"wall_s": wall, "trials": len(trials), "complete": len(complete),
+            "mean_trial_s": sum(durations) / max(1, len(durations)), "best_dev": min(t.value for t in complete)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", type=Path)
+    parser.add_argument("--workers", type=int, default=6)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "emobank.csv")
+    parser.add_argument("--model-name", help="the encoder to train (overrides the study's)")
+    parser.add_argument("--random-base", action="store_true", help="a randomly initialised bert-base encoder")
+    parser.add_argument("--small", action="store_true", help="with --random-base: a tiny encoder instead")
+    parser.add_argument("--minilm", type=Path, default=MINILM, help="where --random-base takes its tokenizer")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE, as for launch")
+    parser.add_argument("--keep-logs", type=Path, help="copy the workers' logs here")
+    args = parser.parse_args(argv)
+
+    encoder = random_encoder_dir(args.small, args.minilm) if args.random_base else None
+    sets = list(args.sets)
+    if encoder or args.model_name:
+        sets.append(f"model_name={encoder or args.model_name}")
+    try:
+        row = run(args.study, args.workers, args.data, args.device, sets, args.keep_logs)
+    finally:
+        if encoder:
+            shutil.rmtree(encoder, ignore_errors=True)
+    print(f"{args.study} x{args.workers} workers: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
+    return row
+
+
+if __name__ == "__main__":
+    main()

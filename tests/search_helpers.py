@@ -56,3 +56,20 @@ def points_finished(study) -> dict[str, int]:
     for trial in study.get_trials(states=(TrialState.COMPLETE,)):
         counts[trial.user_attrs["point"]] = counts.get(trial.user_attrs["point"], 0) + 1
     return counts
+
+
+def synchronous_checkpoints(monkeypatch) -> None:
+    """Each epoch's checkpoint is on disk before training goes on, so it is reported at once.
+
+    For tests that stop a run "right after epoch N": with writes on a thread, epoch N+1 may otherwise
+    train (and be checkpointed) before epoch N's report, depending on timing.
+    """
+    from vadsearch.checkpoint import BackgroundWriter
+
+    real = BackgroundWriter.save
+
+    def save(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        self.wait()
+
+    monkeypatch.setattr(BackgroundWriter, "save", save)

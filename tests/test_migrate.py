@@ -13,7 +13,7 @@ import optuna
 import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
-from search_helpers import POSTGRES_URL, points_finished, write_study
+from search_helpers import POSTGRES_URL, points_finished, synchronous_checkpoints, write_study
 from typer.testing import CliRunner
 
 import vadsearch.migrate
@@ -195,6 +195,7 @@ def test_sqlite_studies_move_to_postgres_and_the_half_finished_one_finishes_ther
 
         return real_train(config, corpus, on_epoch=die, **kwargs)
 
+    synchronous_checkpoints(monkeypatch)
     monkeypatch.setattr(vadsearch.train, "train", killed_after_one_epoch)
     with pytest.raises(_Killed):
         Worker(half, options).run()

@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 import vadsearch.train
-from search_helpers import points_finished, write_study
+from search_helpers import points_finished, synchronous_checkpoints, write_study
 from vadsearch.data import load_corpus
 from vadsearch.errors import StudyFileError
 from vadsearch.storage import open_storage
@@ -104,6 +104,7 @@ def ctrl_c_after_epoch(last: int):
 def test_ctrl_c_leaves_the_trial_resumable_without_spending_a_retry(setup, monkeypatch):
     spec, options = setup('hidden_size = [4]\n', max_epochs=3, study="max_retries = 0")
     real_train = vadsearch.train.train
+    synchronous_checkpoints(monkeypatch)
     monkeypatch.setattr(vadsearch.train, "train", ctrl_c_after_epoch(2))
     assert Worker(spec, options).run().stopped == "interrupted"
     study = load(options)
@@ -181,6 +182,7 @@ def test_study_attrs_describe_the_study(setup):
 def test_a_damaged_checkpoint_is_reported_once_and_the_trial_falls_back(setup, monkeypatch, caplog, tmp_path, damage):
     spec, options = setup('hidden_size = [4]\n', max_epochs=3)
     real_train = vadsearch.train.train
+    synchronous_checkpoints(monkeypatch)
     monkeypatch.setattr(vadsearch.train, "train", ctrl_c_after_epoch(2))
     Worker(spec, options).run()
     monkeypatch.setattr(vadsearch.train, "train", real_train)

@@ -171,11 +171,13 @@ class BackgroundWriter:
     A bert-base checkpoint with its optimizer state is 1.3 GB, and flushing it to disk takes seconds:
     as long as an epoch on a GPU. `save` copies the state to host memory first (training then changes
     the live tensors freely) and returns; `wait` blocks until the write in flight is on disk and raises
-    its error, if any. A kill during a write leaves the previous checkpoint to resume from, as ever.
+    its error, if any; `written` is the newest epoch on disk. A kill during a write leaves the previous
+    checkpoint to resume from, as ever.
     """
 
     def __init__(self, run: RunDirectory) -> None:
         self.run = run
+        self.written = 0  # the newest epoch whose checkpoint is on disk
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -187,12 +189,18 @@ class BackgroundWriter:
         def write() -> None:
             try:
                 self.run.save(state, best_model, previous_best)
-            except BaseException as exc:  # re-raised in the training thread by wait()
+                self.written = state["epoch"]
+            except BaseException as exc:  # re-raised in the training thread by wait() or check()
                 self._error = exc
 
         # Not a daemon: a process that is exiting still finishes the checkpoint it started.
         self._thread = threading.Thread(target=write, name="checkpoint-writer")
         self._thread.start()
+
+    def check(self) -> None:
+        """Raise the error of a write that failed, without waiting for one in flight."""
+        if self._error is not None and self._thread is not None and not self._thread.is_alive():
+            self.wait()
 
     def wait(self) -> None:
         if self._thread is not None:

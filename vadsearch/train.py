@@ -138,7 +138,7 @@ def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _train_epoch(model, split, optimizer, scheduler, config, epoch, device, progress) -> float:
+def _train_epoch(model, split, optimizer, scheduler, config, epoch, device, progress, after_step=None) -> float:
     model.train()
     # Each epoch's order depends only on (seed, epoch): a resumed run sees the same batches.
     batches = train_batches(split.lengths, config.batch_size, np.random.default_rng([config.seed, epoch]))
@@ -156,6 +156,8 @@ def _train_epoch(model, split, optimizer, scheduler, config, epoch, device, prog
         optimizer.step()
         scheduler.step()
         total += loss.detach() * len(rows)
+        if after_step:
+            after_step()
     return (total / len(split)).item()
 
 
@@ -184,12 +186,25 @@ def _epochs(config, corpus, encoded, model, optimizer, scheduler, device, histor
             writer, on_epoch, progress):
     """Train the epochs still to do; return (best epoch, its weights, whether patience ran out)."""
     fingerprint = config.fingerprint()
+    unreported: list[EpochResult] = []  # trained, checkpoint still being written
+
+    def report_written() -> None:
+        # An epoch is reported once its checkpoint is on disk, so a reported epoch is never lost to a
+        # kill; until then training goes on. Checked between steps: a report may prune the run.
+        if writer:
+            writer.check()
+        while unreported and (writer is None or unreported[0].epoch <= writer.written):
+            done = unreported.pop(0)
+            if on_epoch:
+                on_epoch(done)
+
     stopped_early = _patience_exhausted(history, best_epoch, config.patience)
     for epoch in range(len(history) + 1, config.max_epochs + 1):
         if stopped_early:
             break
         epoch_started = time.perf_counter()
-        loss = _train_epoch(model, encoded.train, optimizer, scheduler, config, epoch, device, progress)
+        loss = _train_epoch(model, encoded.train, optimizer, scheduler, config, epoch, device, progress,
+                            report_written if unreported else None)
         dev = score(predict(model, encoded.dev, config.eval_batch_size, device), encoded.dev.targets)
         if not (math.isfinite(loss) and math.isfinite(dev.mse)):
             raise TrainingError(f"training diverged at epoch {epoch} (loss {loss}): lower the learning rate")
@@ -214,10 +229,12 @@ def _epochs(config, corpus, encoded, model, optimizer, scheduler, device, histor
                 "vocab": list(encoded.vocab.itos) if encoded.vocab else None,
             }
             writer.save(state, best_model if improved else None, previous_best)
-        if on_epoch:
-            on_epoch(history[-1])
+        unreported.append(history[-1])
+        report_written()
         stopped_early = _patience_exhausted(history, best_epoch, config.patience)
-
+    if writer:
+        writer.wait()
+    report_written()
     return best_epoch, best_model, stopped_early
 
 
@@ -232,10 +249,11 @@ def train(
 ) -> RunResult:
     """Train `config` on `corpus`, resuming from the checkpoints in `run_dir` when there are any.
 
-    `on_epoch` runs after each epoch's checkpoint is taken. It is written on a thread while training
-    goes on, and waited for before this function returns or raises, so an exception `on_epoch` raises
-    (a pruned trial, Ctrl-C) leaves the run resumable from that epoch. Epochs restored from a checkpoint are
-    passed to it first (with `restored=True`), so a caller that records per-epoch values loses none.
+    Checkpoints are written on a thread while the next epoch trains. `on_epoch` runs once an epoch's
+    checkpoint is on disk (between the next epoch's steps, or at the end), so an exception it raises
+    (a pruned trial, Ctrl-C) leaves the run resumable from that epoch, and no reported epoch is ever
+    lost. Epochs restored from a checkpoint are passed to it first (with `restored=True`), so a caller
+    that records per-epoch values loses none.
     """
     started = time.perf_counter()
     if config.model == "baseline":
@@ -288,8 +306,6 @@ def train(
             except Exception as exc:
                 log.warning("the last checkpoint was not written either: %s", exc)
         raise
-    if writer:
-        writer.wait()  # on disk before the trial can be reported finished
 
     model.load_state_dict(best_model)
     test = None

@@ -119,3 +119,35 @@ def test_set_user_attrs_in_one_statement_on_sqlite(tmp_path):
 @pytest.mark.postgres
 def test_set_user_attrs_in_one_statement_on_postgres(postgres):
     _attrs_round_trip(postgres)
+
+
+def test_the_batched_calls_ride_out_a_lost_database_like_optunas_own(tmp_path, monkeypatch):
+    import sqlite3
+    import uuid
+
+    import optuna
+    from optuna.storages._rdb import storage as rdb
+    from sqlalchemy.exc import OperationalError
+
+    from vadsearch.storage import has_waiting_trial, set_user_attrs
+
+    storage = open_storage(f"sqlite:///{tmp_path}/r.db", outage_limit=30)
+    study = optuna.create_study(study_name=f"r-{uuid.uuid4().hex[:8]}", storage=storage)
+    study.enqueue_trial({"x": 1.0})
+    trial = study.ask()
+    study.enqueue_trial({"x": 2.0})
+    real, failures = rdb._create_scoped_session, []
+
+    def flaky(*args, **kwargs):
+        if len(failures) < 2:  # the database is away for the first two attempts of each call
+            failures.append(1)
+            raise OperationalError("SELECT", {}, sqlite3.OperationalError("database is locked"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rdb, "_create_scoped_session", flaky)
+    assert has_waiting_trial(study) and len(failures) == 2
+    failures.clear()
+    set_user_attrs(trial, {"worker": "w"})
+    assert len(failures) == 2
+    monkeypatch.undo()
+    assert study.trials[0].user_attrs == {"worker": "w"}

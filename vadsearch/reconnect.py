@@ -48,7 +48,7 @@ def _transient(exc: BaseException) -> bool:
     return False
 
 
-def _retrying(method):
+def retrying(method):
     @functools.wraps(method)
     def call(self: ReconnectingRDBStorage, *args, **kwargs):
         if self.gave_up:
@@ -95,7 +95,7 @@ class ReconnectingRDBStorage(RDBStorage):
         # Runs in Optuna's heartbeat thread: an exception there would kill the thread with a traceback
         # and let the trial go stale while the worker still trains it. The main thread reports outages.
         try:
-            _retrying(RDBStorage.record_heartbeat)(self, trial_id)
+            retrying(RDBStorage.record_heartbeat)(self, trial_id)
         except (DatabaseUnreachable, optuna.exceptions.StorageInternalError):
             pass
 
@@ -106,4 +106,4 @@ for _name in [n for n in vars(optuna.storages.BaseStorage) if not n.startswith("
     "_get_stale_trial_ids", "upgrade", "get_current_version", "get_all_versions",
 ]:
     if _name not in _NO_DATABASE and callable(getattr(RDBStorage, _name, None)):
-        setattr(ReconnectingRDBStorage, _name, _retrying(getattr(RDBStorage, _name)))
+        setattr(ReconnectingRDBStorage, _name, retrying(getattr(RDBStorage, _name)))

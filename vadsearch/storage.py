@@ -262,26 +262,37 @@ def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
     trial_id = trial._trial_id
     rows = [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)} for key, value in attrs.items()]
     dialect = backend.engine.name
-    with _create_scoped_session(session_factory, True) as session:
-        state = session.query(models.TrialModel.state).filter(models.TrialModel.trial_id == trial_id).scalar()
-        if state is None:
-            raise KeyError(f"no trial with id {trial_id}")
-        check(trial_id, state)
-        if dialect == "postgresql" or (dialect == "sqlite" and _sqlite_upserts()):
-            # One statement for every attribute: insert, or update the ones already there.
-            insert = _dialect_insert(dialect)(attribute).values(rows)
-            session.execute(insert.on_conflict_do_update(
-                index_elements=[attribute.trial_id, attribute.key], set_={"value_json": insert.excluded.value_json}))
-            return
-        # Other databases: read the existing ones, then update or add. Only a trial's own worker writes
-        # its attributes while it runs, so no other insert can race these.
-        existing = {row.key: row for row in session.query(attribute).filter(
-            attribute.trial_id == trial_id, attribute.key.in_(list(attrs)))}
-        for row in rows:
-            if row["key"] in existing:
-                existing[row["key"]].value_json = row["value_json"]
-            else:
-                session.add(attribute(**row))
+
+    def write(_backend) -> None:  # idempotent: safe to repeat after a lost connection
+        with _create_scoped_session(session_factory, True) as session:
+            state = session.query(models.TrialModel.state).filter(models.TrialModel.trial_id == trial_id).scalar()
+            if state is None:
+                raise KeyError(f"no trial with id {trial_id}")
+            check(trial_id, state)
+            if dialect == "postgresql" or (dialect == "sqlite" and _sqlite_upserts()):
+                # One statement for every attribute: insert, or update the ones already there.
+                insert = _dialect_insert(dialect)(attribute).values(rows)
+                session.execute(insert.on_conflict_do_update(index_elements=[attribute.trial_id, attribute.key],
+                                                             set_={"value_json": insert.excluded.value_json}))
+                return
+            # Other databases: read the existing ones, then update or add. Only a trial's own worker
+            # writes its attributes while it runs, so no other insert can race these.
+            existing = {row.key: row for row in session.query(attribute).filter(
+                attribute.trial_id == trial_id, attribute.key.in_(list(attrs)))}
+            for row in rows:
+                if row["key"] in existing:
+                    existing[row["key"]].value_json = row["value_json"]
+                else:
+                    session.add(attribute(**row))
+
+    _through_outages(backend, write)
+
+
+def _through_outages(backend, work: Callable[[Any], Any]) -> Any:
+    """`work(backend)`, waiting out a lost database like every other call of a reconnecting storage."""
+    from vadsearch.reconnect import ReconnectingRDBStorage, retrying
+
+    return retrying(work)(backend) if isinstance(backend, ReconnectingRDBStorage) else work(backend)
 
 
 def _sqlite_upserts() -> bool:
@@ -312,6 +323,10 @@ def has_waiting_trial(study: optuna.Study) -> bool:
     except (ImportError, AttributeError):
         return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     trial = models.TrialModel
-    with _create_scoped_session(session_factory) as session:
-        return session.query(trial.trial_id).filter(
-            trial.study_id == study._study_id, trial.state == TrialState.WAITING).first() is not None
+
+    def query(_backend) -> bool:
+        with _create_scoped_session(session_factory) as session:
+            return session.query(trial.trial_id).filter(
+                trial.study_id == study._study_id, trial.state == TrialState.WAITING).first() is not None
+
+    return _through_outages(backend, query)

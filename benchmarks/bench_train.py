@@ -36,7 +36,7 @@ BERT_GRID_EPOCHS = 6 * 9
 LSTM_GRID_EPOCHS = 72 * 9
 
 
-def load_corpus(data: Path, small: bool):
+def bench_corpus(data: Path, small: bool):
     from vadsearch.data import load_emobank
 
     corpus = load_emobank(data)
@@ -69,7 +69,7 @@ def child(spec: dict) -> dict:
 
     if spec.get("compile"):
         compile_models(spec["compile"])
-    corpus = load_corpus(Path(spec["data"]), spec["small"])
+    corpus = bench_corpus(Path(spec["data"]), spec["small"])
     cuda = spec["device"].startswith("cuda")
     ends, used = [], []
 
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from vadsearch.config import TrainConfig
 
-    corpus = load_corpus(args.data, args.small)
+    corpus = bench_corpus(args.data, args.small)
     device = torch.device(args.device)
     encoder = random_encoder_dir(args.small, args.minilm)
     bert = TrainConfig(model="bert", model_name=str(encoder), max_epochs=2, batch_size=32, lr=3e-5, optimizer="adamw")

@@ -248,51 +248,56 @@ def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
     """
     import json
 
-    backend = getattr(trial.storage, "_backend", trial.storage)
+    trial_id = trial._trial_id
+    rows = [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)} for key, value in attrs.items()]
+
+    def write(session, models, backend) -> None:  # idempotent: safe to repeat after a lost connection
+        state = session.query(models.TrialModel.state).filter(models.TrialModel.trial_id == trial_id).scalar()
+        if state is None:
+            raise KeyError(f"no trial with id {trial_id}")
+        backend.check_trial_is_updatable(trial_id, state)
+        attribute = models.TrialUserAttributeModel
+        dialect = backend.engine.name
+        if dialect == "postgresql" or (dialect == "sqlite" and _sqlite_upserts()):
+            # One statement for every attribute: insert, or update the ones already there.
+            insert = _dialect_insert(dialect)(attribute).values(rows)
+            session.execute(insert.on_conflict_do_update(index_elements=[attribute.trial_id, attribute.key],
+                                                         set_={"value_json": insert.excluded.value_json}))
+            return
+        # Other databases: read the existing ones, then update or add. Only a trial's own worker writes
+        # its attributes while it runs, so no other insert can race these.
+        existing = {row.key: row for row in session.query(attribute).filter(
+            attribute.trial_id == trial_id, attribute.key.in_(list(attrs)))}
+        for row in rows:
+            if row["key"] in existing:
+                existing[row["key"]].value_json = row["value_json"]
+            else:
+                session.add(attribute(**row))
+
+    if _in_one_session(trial.storage, write, commit=True) is NotImplemented:
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+
+
+def _in_one_session(storage, work: Callable[[Any, Any, Any], Any], commit: bool = False) -> Any:
+    """`work(session, models, backend)` in one session of `storage`'s RDBStorage, waiting out a lost
+    database like every other call of a reconnecting storage; NotImplemented for any other storage."""
+    backend = getattr(storage, "_backend", storage)
     try:
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
 
-        session_factory, check = backend.scoped_session, backend.check_trial_is_updatable
+        session_factory = backend.scoped_session
     except (ImportError, AttributeError):
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
-        return
-    attribute = models.TrialUserAttributeModel
-    trial_id = trial._trial_id
-    rows = [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)} for key, value in attrs.items()]
-    dialect = backend.engine.name
+        return NotImplemented
 
-    def write(_backend) -> None:  # idempotent: safe to repeat after a lost connection
-        with _create_scoped_session(session_factory, True) as session:
-            state = session.query(models.TrialModel.state).filter(models.TrialModel.trial_id == trial_id).scalar()
-            if state is None:
-                raise KeyError(f"no trial with id {trial_id}")
-            check(trial_id, state)
-            if dialect == "postgresql" or (dialect == "sqlite" and _sqlite_upserts()):
-                # One statement for every attribute: insert, or update the ones already there.
-                insert = _dialect_insert(dialect)(attribute).values(rows)
-                session.execute(insert.on_conflict_do_update(index_elements=[attribute.trial_id, attribute.key],
-                                                             set_={"value_json": insert.excluded.value_json}))
-                return
-            # Other databases: read the existing ones, then update or add. Only a trial's own worker
-            # writes its attributes while it runs, so no other insert can race these.
-            existing = {row.key: row for row in session.query(attribute).filter(
-                attribute.trial_id == trial_id, attribute.key.in_(list(attrs)))}
-            for row in rows:
-                if row["key"] in existing:
-                    existing[row["key"]].value_json = row["value_json"]
-                else:
-                    session.add(attribute(**row))
+    def run(_backend) -> Any:
+        with _create_scoped_session(session_factory, commit) as session:
+            return work(session, models, backend)
 
-    _through_outages(backend, write)
-
-
-def _through_outages(backend, work: Callable[[Any], Any]) -> Any:
-    """`work(backend)`, waiting out a lost database like every other call of a reconnecting storage."""
     from vadsearch.reconnect import ReconnectingRDBStorage, retrying
 
-    return retrying(work)(backend) if isinstance(backend, ReconnectingRDBStorage) else work(backend)
+    return retrying(run)(backend) if isinstance(backend, ReconnectingRDBStorage) else run(backend)
 
 
 def _sqlite_upserts() -> bool:
@@ -313,20 +318,12 @@ def has_waiting_trial(study: optuna.Study) -> bool:
     """Whether any trial of `study` waits to be run: one indexed query, not a read of every trial."""
     from optuna.trial import TrialState
 
-    storage = study._storage
-    backend = getattr(storage, "_backend", storage)
-    try:
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
+    def query(session, models, _backend) -> bool:
+        trial = models.TrialModel
+        return session.query(trial.trial_id).filter(
+            trial.study_id == study._study_id, trial.state == TrialState.WAITING).first() is not None
 
-        session_factory = backend.scoped_session
-    except (ImportError, AttributeError):
+    found = _in_one_session(study._storage, query)
+    if found is NotImplemented:
         return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-    trial = models.TrialModel
-
-    def query(_backend) -> bool:
-        with _create_scoped_session(session_factory) as session:
-            return session.query(trial.trial_id).filter(
-                trial.study_id == study._study_id, trial.state == TrialState.WAITING).first() is not None
-
-    return _through_outages(backend, query)
+    return found

@@ -560,22 +560,14 @@ def _has_type(value: Any, expected: str) -> bool:
     }[expected](value)
 
 
+# bool before int: a TOML boolean is a Python int too.
+_TOML_KINDS = ((bool, "boolean"), (int, "integer"), (float, "float"), (str, "string"), (list, "array"),
+               (dict, "table"))
+
+
 def _describe(value: Any) -> str:
     """The TOML type and value, for messages: `string "40"`, `integer 3`."""
-    if isinstance(value, bool):
-        kind = "boolean"
-    elif isinstance(value, int):
-        kind = "integer"
-    elif isinstance(value, float):
-        kind = "float"
-    elif isinstance(value, str):
-        kind = "string"
-    elif isinstance(value, list):
-        kind = "array"
-    elif isinstance(value, dict):
-        kind = "table"
-    else:
-        kind = type(value).__name__
+    kind = next((name for python, name in _TOML_KINDS if isinstance(value, python)), type(value).__name__)
     text = repr(value)
     return f"{kind} {text if len(text) <= 60 else text[:57] + '...'}"
 

@@ -47,3 +47,8 @@ def test_a_whole_grid_runs_through_launch(tiny_csv, tiny_bert_dir):
     assert row["trials"] == row["complete"] == 6  # the report's 2 batch sizes x 3 learning rates
     assert 0 < row["mean_trial_s"] < row["wall_s"]
     assert 0 < row["best_dev"] < 10
+
+
+def test_checkpoint_benchmark_writes_both_ways():
+    row = _load("bench_checkpoint").main(["--values", "200000", "--epochs", "2", "--epoch-s", "0.05"])
+    assert row["checkpoint_gib"] > 0 and row["inline_s_per_epoch"] >= 0.05 and row["background_s_per_epoch"] >= 0.05

@@ -210,6 +210,38 @@ def test_unrelated_files_are_ignored(tmp_path: Path) -> None:
     assert {"notes.txt", "epoch-12.pt"} <= _names(tmp_path)
 
 
+def _interrupted_write(run: RunDirectory, epoch: int, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Start writing epoch `epoch`'s checkpoint and stop it between the write and the rename, as a kill
+    does; return the temporary file it leaves."""
+    before = _names(run.path) if run.path.is_dir() else set()
+
+    def killed(*args) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run.save(_state(epoch, epoch), None, 0)
+    monkeypatch.undo()
+    (left,) = _names(run.path) - before
+    return run.path / left
+
+
+def test_temporary_files_of_killed_writes_are_swept_once_stale(tmp_path: Path, monkeypatch) -> None:
+    run = RunDirectory(tmp_path)
+    _run(run, [True])
+    stale = _interrupted_write(run, 2, monkeypatch)
+    old = stale.stat().st_mtime - checkpoint.STALE_TEMPORARY_S - 60
+    os.utime(stale, (old, old))
+    in_flight = _interrupted_write(run, 3, monkeypatch)  # as fresh as a write still going on elsewhere
+    (tmp_path / "notes.tmp").write_text("not ours")
+    os.utime(tmp_path / "notes.tmp", (old, old))
+
+    assert run.load(FP, SHA)["epoch"] == 1  # resuming sweeps
+    assert not stale.exists() and in_flight.exists() and (tmp_path / "notes.tmp").exists()
+    later = in_flight.stat().st_mtime + checkpoint.STALE_TEMPORARY_S + 1
+    assert run.sweep_temporaries(now=later) == [in_flight]
+
+
 def test_epoch_numbers_sort_numerically(tmp_path: Path) -> None:
     run = RunDirectory(tmp_path)
     run.save(_state(9999, 9999), _weights(9999), 0)

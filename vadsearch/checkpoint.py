@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 KEEP = 2
 _NAME = re.compile(r"^(epoch|best)-(\d{4,})\.pt$")
+_TEMPORARY = re.compile(r"^\.(epoch|best)-\d{4,}\.pt\.\d+\.tmp$")  # see atomic_save
+STALE_TEMPORARY_S = 15 * 60
+"""A write takes seconds: a temporary file untouched this long belongs to a writer that was killed."""
 
 
 def run_directory(root: str | Path, study_name: str, fingerprint: str) -> Path:
@@ -112,6 +116,7 @@ class RunDirectory:
 
     def load(self, fingerprint: str, data_sha256: str) -> dict[str, Any] | None:
         """The newest checkpoint that verifies, with its best weights under `"best_model"`; else None."""
+        self.sweep_temporaries()  # a run starts or resumes here: after a kill, if there was one
         for _, path in self._files("epoch"):
             try:
                 state = _safe_load(path)
@@ -126,6 +131,24 @@ class RunDirectory:
             log.warning("checkpoint %s rejected: %s; falling back to an earlier one", path, problem)
             self._set_aside(path)
         return None
+
+    def sweep_temporaries(self, now: float | None = None) -> list[Path]:
+        """Delete what killed writes left: a bert-base checkpoint's temporary file is over a gigabyte.
+        Only files untouched for `STALE_TEMPORARY_S`, so that a write in flight elsewhere is left alone."""
+        if not self.path.is_dir():
+            return []
+        cutoff = (time.time() if now is None else now) - STALE_TEMPORARY_S
+        removed = []
+        for path in self.path.iterdir():
+            try:
+                if _TEMPORARY.match(path.name) and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed.append(path)
+            except OSError:  # gone already, or a read-only directory: harmless either way
+                continue
+        if removed:
+            log.info("removed %d temporary file(s) of interrupted checkpoint writes in %s", len(removed), self.path)
+        return removed
 
     def discard(self, reason: str) -> None:
         """Set every checkpoint aside (renamed `*.rejected`), so that training starts over cleanly."""

@@ -42,7 +42,7 @@ def check_keep(keep: str) -> str:
 def finish_run(run_dir: str | Path) -> list[Path]:
     """A completed run keeps its best weights only: the epoch checkpoints and older best files go."""
     run = RunDirectory(run_dir)
-    return run.remove("epoch") + run.remove("best", keep_newest=1)
+    return run.remove("epoch") + run.remove("best", keep_newest=1) + run.sweep_temporaries()
 
 
 def retain(

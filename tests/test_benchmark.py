@@ -52,3 +52,12 @@ def test_a_whole_grid_runs_through_launch(tiny_csv, tiny_bert_dir):
 def test_checkpoint_benchmark_writes_both_ways():
     row = _load("bench_checkpoint").main(["--values", "200000", "--epochs", "2", "--epoch-s", "0.05"])
     assert row["checkpoint_gib"] > 0 and row["inline_s_per_epoch"] >= 0.05 and row["background_s_per_epoch"] >= 0.05
+
+
+def test_orchestration_benchmark_runs_both_loops_on_sqlite(real_data_path, capsys):
+    bench = _load("bench_orchestration")
+    row = bench.main(["--points", "4", "--repeats", "2", "--data", str(real_data_path)])
+    assert row["plain_trials_per_s"] > 0 and row["vadsearch_trials_per_s"] > 0
+    assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
+    assert 0 < row["worker_start_s"] < 60
+    assert "ratio" in capsys.readouterr().out

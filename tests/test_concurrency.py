@@ -67,8 +67,9 @@ def check(study: optuna.Study, codes: list[int], outputs: list[str], spread: flo
             assert text not in out, f"worker {index} printed {text!r}:\n{out}"
     assert len(finished) == POINTS and duplicates == 0, finished
     assert failed == [], [(t.number, t.user_attrs) for t in failed]
-    # Orphans (a worker asked for a trial when no point was left waiting) are pruned, never complete.
-    assert all(t.state == TrialState.PRUNED for t in trials if t.user_attrs.get("orphan"))
+    # A worker that finds the queue empty creates no trial: every trial is a queued point.
+    assert orphans == 0 and all("point" in t.user_attrs for t in trials)
+    assert len(trials) == POINTS
 
 
 def test_sixteen_workers_on_sqlite(tmp_path, tiny_csv):

@@ -94,13 +94,11 @@ def _attrs_round_trip(storage) -> None:
 
     import optuna
 
-    from vadsearch.storage import has_waiting_trial, set_user_attrs
+    from vadsearch.storage import set_user_attrs
 
     study = optuna.create_study(study_name=f"attrs-{uuid.uuid4().hex[:8]}", storage=storage)
     study.enqueue_trial({"x": 1.0}, user_attrs={"point": "p"})
-    assert has_waiting_trial(study)
     trial = study.ask()
-    assert not has_waiting_trial(study)
     set_user_attrs(trial, {"worker": "w1", "config": {"lr": 0.1, "layers": [1, 2]}})
     set_user_attrs(trial, {"worker": "w2", "best_epoch": 3})  # an overwrite and a new one, together
     assert study.trials[0].user_attrs == {"point": "p", "worker": "w2", "config": {"lr": 0.1, "layers": [1, 2]},
@@ -121,21 +119,81 @@ def test_set_user_attrs_in_one_statement_on_postgres(postgres):
     _attrs_round_trip(postgres)
 
 
+def _worker_storage_writes_attrs_with_state_changes(url: str) -> None:
+    """A worker's storage writes a queued trial's start attributes as it starts, its final ones as it
+    ends, each in the same transaction as the state, and never creates a trial of its own in a grid."""
+    import uuid
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from vadsearch.reconnect import QueueEmpty
+    from vadsearch.storage import set_user_attrs_with_final_state
+
+    storage = open_storage(url, outage_limit=30)
+    starts = []
+    storage.on_start = lambda fixed: starts.append(fixed) or {"worker": "w", "x_seen": fixed["x"]}
+    storage.queue_only = True
+    study = optuna.create_study(study_name=f"ws-{uuid.uuid4().hex[:8]}", storage=storage)
+    other = optuna.load_study(study_name=study.study_name, storage=open_storage(url))  # another worker's view
+    try:
+        study.enqueue_trial({"x": 1.0}, user_attrs={"point": "p1"})
+        study.enqueue_trial({"x": 2.0}, user_attrs={"point": "p2"})
+        first = study.ask()
+        assert starts == [{"x": 1.0}]
+        assert first.user_attrs == {"point": "p1", "worker": "w", "x_seen": 1.0}  # in Optuna's own read at `ask`
+
+        set_user_attrs_with_final_state(first, {"best_epoch": 4, "dev": {"mse": 0.1}})
+        assert "best_epoch" not in other.trials[0].user_attrs  # held back while the trial runs
+        study.tell(first, 0.1)
+        done = other.trials[0]
+        assert done.state == TrialState.COMPLETE and done.user_attrs["dev"] == {"mse": 0.1}
+
+        # A trial another worker finished first (as stale, say): neither its state nor these attributes change.
+        second = study.ask()
+        other.tell(other.trials[1].number, state=TrialState.FAIL)
+        set_user_attrs_with_final_state(second, {"best_epoch": 9})
+        with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+            storage.set_trial_state_values(second._trial_id, TrialState.COMPLETE, [0.2])
+        assert other.trials[1].state == TrialState.FAIL and "best_epoch" not in other.trials[1].user_attrs
+
+        # The queue is empty: `ask` says so, and leaves no trial behind. Enqueueing still works.
+        with pytest.raises(QueueEmpty):
+            study.ask()
+        assert len(other.trials) == 2
+        storage.on_start = lambda fixed: 1 / 0  # a start hook that fails costs only its attributes
+        study.enqueue_trial({"x": 3.0}, user_attrs={"point": "p3"})
+        third = study.ask()
+        assert third.params == {} and third.user_attrs == {"point": "p3"}
+        assert other.trials[2].state == TrialState.RUNNING
+    finally:
+        optuna.delete_study(study_name=study.study_name, storage=storage)
+
+
+def test_a_workers_storage_writes_attributes_with_state_changes_on_sqlite(tmp_path):
+    _worker_storage_writes_attrs_with_state_changes(f"sqlite:///{tmp_path}/w.db")
+
+
+@pytest.mark.postgres
+def test_a_workers_storage_writes_attributes_with_state_changes_on_postgres(postgres):
+    _worker_storage_writes_attrs_with_state_changes(POSTGRES_URL)
+
+
 def test_the_batched_calls_ride_out_a_lost_database_like_optunas_own(tmp_path, monkeypatch):
     import sqlite3
     import uuid
 
     import optuna
     from optuna.storages._rdb import storage as rdb
+    from optuna.trial import TrialState
     from sqlalchemy.exc import OperationalError
 
-    from vadsearch.storage import has_waiting_trial, set_user_attrs
+    from vadsearch.storage import set_user_attrs, set_user_attrs_with_final_state
 
     storage = open_storage(f"sqlite:///{tmp_path}/r.db", outage_limit=30)
     study = optuna.create_study(study_name=f"r-{uuid.uuid4().hex[:8]}", storage=storage)
     study.enqueue_trial({"x": 1.0})
     trial = study.ask()
-    study.enqueue_trial({"x": 2.0})
     real, failures = rdb._create_scoped_session, []
 
     def flaky(*args, **kwargs):
@@ -145,9 +203,12 @@ def test_the_batched_calls_ride_out_a_lost_database_like_optunas_own(tmp_path, m
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rdb, "_create_scoped_session", flaky)
-    assert has_waiting_trial(study) and len(failures) == 2
-    failures.clear()
     set_user_attrs(trial, {"worker": "w"})
     assert len(failures) == 2
+    failures.clear()
+    set_user_attrs_with_final_state(trial, {"best_epoch": 2})
+    study.tell(trial, 0.5)  # its attributes are written again with each retry of the final state
+    assert len(failures) == 2
     monkeypatch.undo()
-    assert study.trials[0].user_attrs == {"worker": "w"}
+    assert study.trials[0].state == TrialState.COMPLETE
+    assert study.trials[0].user_attrs == {"worker": "w", "best_epoch": 2}

@@ -13,11 +13,14 @@ Optuna's writes of states and values are idempotent, and this is accepted for th
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
+from typing import Any, Callable
 
 import optuna
 from optuna.storages import RDBStorage
+from optuna.trial import TrialState
 
 from vadsearch.errors import StorageError
 
@@ -81,9 +84,81 @@ def retrying(method):
     return call
 
 
+class QueueEmpty(Exception):
+    """`ask` found no queued trial in a storage that runs only queued ones."""
+
+
 class ReconnectingRDBStorage(RDBStorage):
+    """The storage a worker uses. Every database call rides out an outage, and a trial's attributes ride
+    with its state changes instead of costing transactions of their own: those that say who runs it
+    (`on_start`) are written as it starts, those that say how it ended as it ends."""
+
     outage_limit: float = 600.0
     gave_up: str = ""  # the reason, once the limit was passed
+    on_start: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    """A queued trial's fixed parameters -> the attributes to write in the transaction that starts it."""
+    queue_only: bool = False
+    """With no queued trial waiting, `ask` raises QueueEmpty instead of creating a trial of its own: two
+    grid workers racing for the last waiting point leave no stray trial behind, and a worker need not
+    look for a waiting trial before each `ask`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._final_attrs: dict[int, dict[str, Any]] = {}
+
+    def _create_new_trial(self, study_id: int, template_trial=None):
+        if template_trial is None and self.queue_only:  # `ask` with nothing to pop; enqueueing passes a template
+            raise QueueEmpty
+        return super()._create_new_trial(study_id, template_trial)
+
+    def attrs_with_final_state(self, trial_id: int, attrs: dict[str, Any]) -> None:
+        """Hold `attrs` until the trial's final state is written, then write them with it."""
+        self._final_attrs.setdefault(trial_id, {}).update(attrs)
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
+        attrs = self._final_attrs.pop(trial_id, None) if state.is_finished() else None
+        return self._state_with_attrs(trial_id, state, values, attrs)
+
+    @retrying
+    def _state_with_attrs(self, trial_id: int, state: TrialState, values, attrs: dict[str, Any] | None) -> bool:
+        starting = state == TrialState.RUNNING and self.on_start is not None
+        if not (attrs or starting):
+            return RDBStorage.set_trial_state_values(self, trial_id, state, values)
+        from optuna.storages._rdb import models
+
+        from vadsearch.storage import upsert_user_attrs
+
+        session = self.scoped_session()  # thread-local: Optuna's write below continues this session
+        try:
+            # The trial's row first, as Optuna's own write locks it: two workers lock in one order.
+            trial, fixed = models.TrialModel, models.TrialSystemAttributeModel
+            found = (session.query(trial.state, fixed.value_json)
+                     .outerjoin(fixed, (fixed.trial_id == trial.trial_id) & (fixed.key == "fixed_params"))
+                     .filter(trial.trial_id == trial_id).with_for_update(of=trial).one_or_none())
+            if found is None:
+                raise KeyError(f"no trial with id {trial_id}")
+            current, fixed_params = found
+            if starting:
+                attrs = self._start_attrs(trial_id, current, fixed_params)
+            # Only onto a trial that Optuna's write below will accept: on its refusal path Optuna reads the
+            # trial through this same session and commits it, which would keep the attributes.
+            if attrs and not current.is_finished():
+                upsert_user_attrs(session, models, self.engine.name, trial_id, attrs)
+            # Commits the attributes with the state, or rolls both back (a trial another worker took).
+            return RDBStorage.set_trial_state_values(self, trial_id, state, values)
+        except BaseException:
+            session.rollback()  # a retry starts a clean transaction
+            session.close()
+            raise
+
+    def _start_attrs(self, trial_id: int, state: TrialState, fixed_params: str | None) -> dict[str, Any] | None:
+        if state != TrialState.WAITING or fixed_params is None:
+            return None  # another worker took it (Optuna's write below declines too), or it was not queued
+        try:
+            return self.on_start(json.loads(fixed_params))
+        except Exception:  # the objective writes them itself, and reports a bad configuration as the trial's
+            log.debug("no start attributes for trial %d", trial_id, exc_info=True)
+            return None
 
     @property
     def masked_url(self) -> str:
@@ -101,9 +176,11 @@ class ReconnectingRDBStorage(RDBStorage):
 
 
 _NO_DATABASE = {"get_heartbeat_interval", "get_heartbeat_stale_trial_callback", "get_failed_trial_callback",
-                "remove_session", "record_heartbeat"}
+                "remove_session"}
 for _name in [n for n in vars(optuna.storages.BaseStorage) if not n.startswith("_")] + [
     "_get_stale_trial_ids", "upgrade", "get_current_version", "get_all_versions",
 ]:
-    if _name not in _NO_DATABASE and callable(getattr(RDBStorage, _name, None)):
+    if _name not in _NO_DATABASE and _name not in vars(ReconnectingRDBStorage) and callable(
+        getattr(RDBStorage, _name, None)
+    ):
         setattr(ReconnectingRDBStorage, _name, retrying(getattr(RDBStorage, _name)))

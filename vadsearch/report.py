@@ -7,8 +7,9 @@ What a worker stores, and what this module reads:
 - study user attr `vadsearch`: `name`, `sampler`, `description`, `max_trials`, `base` (with `model`);
 - objective value: dev MSE of the trial's best epoch (lower is better);
 - trial user attrs: `point`, `worker`, `config`, `checkpoint_dir`, `epochs_done`, `best_epoch`,
-  `dev` / `test` (`Scores.as_dict`), `seconds`, `fail_reason`, and `orphan` on junk trials that a race
-  between workers created. Orphans are left out of every table and count.
+  `dev` / `test` (`Scores.as_dict`), `seconds`, `fail_reason`, and `orphan` on stray trials that a race
+  between grid workers could create before they ran queued trials only. Orphans are left out of every
+  table and count.
 """
 
 from __future__ import annotations

@@ -29,7 +29,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vadsearch.errors import CheckpointError, StudyFileError
-from vadsearch.storage import has_waiting_trial, mask, open_storage, set_user_attrs, storage_url, study_lock
+from vadsearch.storage import (
+    mask,
+    open_storage,
+    set_user_attrs,
+    set_user_attrs_with_final_state,
+    storage_url,
+    study_lock,
+)
 from vadsearch.studyfile import StudySpec
 
 if TYPE_CHECKING:
@@ -233,6 +240,7 @@ class Worker:
         self._machine_fault: CheckpointError | None = None  # disk full or read-only: stop after the trial
         self._storage = None
         self._outcome: _Outcome | None = None  # of the trial in hand; settled after Optuna stored it
+        self._last_identity: tuple[str | None, dict[str, Any]] = (None, {})
 
     # --- before the first trial: everything that could fail for every trial fails here, once -----
     def preflight(self) -> None:
@@ -287,6 +295,9 @@ class Worker:
             on_stale=lambda study, trial: reconcile(study, self.spec, opts.max_stale_retries),
             outage_limit=opts.db_outage_limit,
         )
+        # A queued trial's identity is written in the transaction that starts it, not in one of its own.
+        storage.on_start = self._start_attrs
+        storage.queue_only = self.spec.sampler == "grid"  # a grid samples nothing: it runs queued points
         study = open_study(self.spec, storage, opts.max_stale_retries, self._corpus.sha256)
         started = time.monotonic()
         try:
@@ -299,15 +310,19 @@ class Worker:
     def _loop(self, study: optuna.Study, started: float) -> str:
         import optuna
 
+        from vadsearch.reconnect import QueueEmpty
+
         opts = self.options
+        queue_empty = False
         while True:
             if opts.n_trials is not None and len(self.summary.trials) >= opts.n_trials:
                 return "n-trials"
             if opts.timeout is not None and time.monotonic() - started >= opts.timeout:
                 return "timeout"
-            # A grid with a waiting point is unfinished and has work in hand: no need to read every
-            # trial (which grows with the study) before each one.
-            if not (self.spec.sampler == "grid" and has_waiting_trial(study)):
+            # A grid worker takes the next queued point straight away, and reads every trial (a read that
+            # grows with the study) only once the queue ran dry; a sampled study counts them every time.
+            if self.spec.sampler != "grid" or queue_empty:
+                queue_empty = False
                 state = self._survey_and_queue(study)
                 if state == "finished":
                     return "finished"
@@ -325,6 +340,8 @@ class Worker:
                     # Every trial here would fail the same way: requeue this one and stop, saying why.
                     reconcile(study, self.spec, opts.max_stale_retries)
                     raise self._machine_fault
+            except QueueEmpty:  # another worker took the last waiting point; no trial was created
+                queue_empty = True
             except CheckpointError:
                 raise
             except Exception as exc:
@@ -366,7 +383,7 @@ class Worker:
         objective ended in is stored: a returned value as COMPLETE, a pruning as PRUNED, an error as FAIL.
         """
         outcome, self._outcome = self._outcome, None
-        if outcome is None:  # an orphan, or a trial that never reached the objective
+        if outcome is None:  # a trial that never reached the objective
             return
         self.summary.trials.append(outcome.number)
         self.summary.states[outcome.state] += 1
@@ -386,24 +403,19 @@ class Worker:
     def _train_trial(self, trial: optuna.Trial) -> float:
         import optuna
 
-        from vadsearch.checkpoint import run_directory
         from vadsearch.reconnect import DatabaseUnreachable
         from vadsearch.train import train
 
-        if self.spec.sampler == "grid" and "point" not in trial.user_attrs:
-            # Another worker took the last waiting point between our look and Optuna's; Optuna then
-            # made a fresh trial. Mark it so that reports and the queue ignore it.
-            trial.set_user_attr("orphan", True)
-            self._outcome = None
-            raise optuna.TrialPruned("no configuration was waiting")
         params = self.spec.suggest(trial)
         config = self.spec.config_for(params)
-        run_dir = run_directory(self.options.artifacts, self.spec.name, config.fingerprint())
-        self._outcome.run_dir = run_dir
-        identity = {"worker": self.name, "config": config.relevant(), "checkpoint_dir": str(run_dir)}
+        identity = self._identity(params)
+        run_dir = self._outcome.run_dir = Path(identity["checkpoint_dir"])
         if "point" not in trial.user_attrs:  # a queued point carries it from the queue already
             identity["point"] = point_key(params)
-        set_user_attrs(trial, identity)
+        stored = trial.user_attrs  # a queued trial got its identity as it started (see `run`)
+        unwritten = {key: value for key, value in identity.items() if stored.get(key) != value}
+        if unwritten:
+            set_user_attrs(trial, unwritten)
         log.info("trial %d: %s", trial.number, point_key(params))
 
         restored = 0
@@ -433,21 +445,38 @@ class Worker:
             self._taken_over = trial.number
             raise
         except KeyboardInterrupt:
-            trial.set_user_attr("interrupted", True)
+            set_user_attrs_with_final_state(trial, {"interrupted": True})
             raise
         except CheckpointError as exc:
-            set_user_attrs(trial, {"fail_reason": f"CheckpointError: {exc}"[:500], "machine_fault": True})
+            set_user_attrs_with_final_state(
+                trial, {"fail_reason": f"CheckpointError: {exc}"[:500], "machine_fault": True})
             self._machine_fault = exc
             raise
         except Exception as exc:
             reason = " ".join(str(exc).split()) or type(exc).__name__
-            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {reason}"[:500])
+            set_user_attrs_with_final_state(trial, {"fail_reason": f"{type(exc).__name__}: {reason}"[:500]})
             raise
         return result.dev.mse
 
+    def _identity(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Who runs a configuration and where its checkpoints go: known before the trial trains."""
+        from vadsearch.checkpoint import run_directory
+
+        key = point_key(params)
+        if self._last_identity[0] != key:  # computed as the trial starts, then again in its objective
+            config = self.spec.config_for(params)
+            run_dir = run_directory(self.options.artifacts, self.spec.name, config.fingerprint())
+            identity = {"worker": self.name, "config": config.relevant(), "checkpoint_dir": str(run_dir)}
+            self._last_identity = (key, identity)
+        return dict(self._last_identity[1])
+
+    def _start_attrs(self, fixed_params: dict[str, Any]) -> dict[str, Any]:
+        # Only the searched options: a queued trial's parameters are exactly those.
+        return self._identity({p.name: fixed_params[p.name] for p in self.spec.space})
+
     @staticmethod
     def _record_result(trial: optuna.Trial, result) -> None:
-        set_user_attrs(trial, {
+        set_user_attrs_with_final_state(trial, {
             "best_epoch": result.best_epoch,
             "epochs_done": len(result.history),
             "dev": result.dev.as_dict(),

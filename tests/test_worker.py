@@ -55,6 +55,30 @@ def test_grid_runs_every_point_once_and_a_rerun_runs_nothing(setup):
     assert len(load(options).trials) == 4
 
 
+def test_a_queued_trial_shows_who_runs_it_from_its_start_without_a_write_of_its_own(setup, monkeypatch):
+    import vadsearch.worker as worker_module
+
+    spec, options = setup("hidden_size = [4, 8]\n")
+    real_train, seen = vadsearch.train.train, []
+
+    def watched(config, *args, **kwargs):  # what another process reads while the trial trains
+        running = load(options).get_trials(states=(TrialState.RUNNING,))
+        seen.append({k: running[0].user_attrs.get(k) for k in ("worker", "config", "checkpoint_dir")})
+        return real_train(config, *args, **kwargs)
+
+    identity_writes = []
+    real_write = worker_module.set_user_attrs
+    monkeypatch.setattr(worker_module, "set_user_attrs", lambda *a: identity_writes.append(a) or real_write(*a))
+    monkeypatch.setattr(vadsearch.train, "train", watched)
+    worker = Worker(spec, options)
+    assert worker.run().stopped == "finished"
+    assert identity_writes == []  # written with the RUNNING state, in Optuna's own transaction
+    complete = sorted(load(options).get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.number)
+    assert seen == [{k: t.user_attrs[k] for k in ("worker", "config", "checkpoint_dir")} for t in complete]
+    assert [s["config"]["hidden_size"] for s in seen] == [4, 8] and seen[0]["worker"] == worker.name
+    assert all(s["checkpoint_dir"].endswith(spec.config_for(s["config"]).fingerprint()) for s in seen)
+
+
 def test_n_trials_stops_early_and_the_next_worker_finishes(setup):
     spec, options = setup()
     first = Worker(spec, WorkerOptions(**{**options.__dict__, "n_trials": 1})).run()

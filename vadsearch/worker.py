@@ -413,7 +413,8 @@ class Worker:
         if "point" not in trial.user_attrs:  # a queued point carries it from the queue already
             identity["point"] = point_key(params)
         stored = trial.user_attrs  # a queued trial got its identity as it started (see `run`)
-        unwritten = {key: value for key, value in identity.items() if stored.get(key) != value}
+        unwritten = {key: value for key, value in identity.items()
+                     if stored.get(key) != json.loads(json.dumps(value))}  # compared as stored: JSON
         if unwritten:
             set_user_attrs(trial, unwritten)
         log.info("trial %d: %s", trial.number, point_key(params))

@@ -106,6 +106,7 @@ class ReconnectingRDBStorage(RDBStorage):
         super().__init__(*args, **kwargs)
         self._final_attrs: dict[int, dict[str, Any]] = {}
 
+    @retrying
     def _create_new_trial(self, study_id: int, template_trial=None):
         if template_trial is None and self.queue_only:  # `ask` with nothing to pop; enqueueing passes a template
             raise QueueEmpty
@@ -177,8 +178,10 @@ class ReconnectingRDBStorage(RDBStorage):
 
 _NO_DATABASE = {"get_heartbeat_interval", "get_heartbeat_stale_trial_callback", "get_failed_trial_callback",
                 "remove_session"}
+# Optuna's study cache calls four private methods of the storage directly; they are retried too.
 for _name in [n for n in vars(optuna.storages.BaseStorage) if not n.startswith("_")] + [
-    "_get_stale_trial_ids", "upgrade", "get_current_version", "get_all_versions",
+    "_get_stale_trial_ids", "_get_trials", "_set_trial_param", "_get_best_trial_id",
+    "upgrade", "get_current_version", "get_all_versions",
 ]:
     if _name not in _NO_DATABASE and _name not in vars(ReconnectingRDBStorage) and callable(
         getattr(RDBStorage, _name, None)

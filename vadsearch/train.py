@@ -23,7 +23,7 @@ from vadsearch.batching import collate, eval_batches, train_batches
 from vadsearch.checkpoint import BackgroundWriter, RunDirectory
 from vadsearch.config import TrainConfig
 from vadsearch.data import Corpus
-from vadsearch.encoding import EncodedSplit, encode_corpus
+from vadsearch.encoding import EncodedCorpus, EncodedSplit, encode_corpus
 from vadsearch.errors import ConfigError, TrainingError
 from vadsearch.metrics import Scores, score, train_means
 from vadsearch.seeding import capture_rng, restore_rng, seed_everything
@@ -182,10 +182,51 @@ def _baseline(config: TrainConfig, corpus: Corpus) -> RunResult:
     return RunResult(config, best_epoch=0, dev=evaluate(corpus.dev), test=evaluate(corpus.test))
 
 
-def _epochs(config, corpus, encoded, model, optimizer, scheduler, device, history, best_epoch, best_model,
-            writer, on_epoch, progress):
-    """Train the epochs still to do; return (best epoch, its weights, whether patience ran out)."""
-    fingerprint = config.fingerprint()
+@dataclass
+class _Run:
+    """What one run trains and carries from epoch to epoch: exactly what its checkpoints save."""
+
+    config: TrainConfig
+    data_sha256: str
+    encoded: EncodedCorpus
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    device: torch.device
+    history: list[EpochResult] = field(default_factory=list)
+    best_epoch: int = 0
+    best_model: dict[str, torch.Tensor] | None = None
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        restore_rng(checkpoint["rng"])
+        self.history = [EpochResult.from_dict(h) for h in checkpoint["history"]][: self.config.max_epochs]
+        self.best_epoch, self.best_model = checkpoint["best_epoch"], checkpoint["best_model"]
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.config.fingerprint(),
+            "data_sha256": self.data_sha256,
+            "config": self.config.to_dict(),
+            "epoch": len(self.history),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": capture_rng(),
+            "history": [h.as_dict() for h in self.history],
+            "best_epoch": self.best_epoch,
+            "vocab": list(self.encoded.vocab.itos) if self.encoded.vocab else None,
+        }
+
+    def stopped_early(self) -> bool:
+        return _patience_exhausted(self.history, self.best_epoch, self.config.patience)
+
+
+def _epochs(run: _Run, writer: BackgroundWriter | None, on_epoch: EpochCallback | None, progress: bool) -> bool:
+    """Train the epochs still to do; return whether patience ran out."""
+    config = run.config
     unreported: list[EpochResult] = []  # trained, checkpoint still being written
 
     def report_written() -> None:
@@ -198,44 +239,30 @@ def _epochs(config, corpus, encoded, model, optimizer, scheduler, device, histor
             if on_epoch:
                 on_epoch(done)
 
-    stopped_early = _patience_exhausted(history, best_epoch, config.patience)
-    for epoch in range(len(history) + 1, config.max_epochs + 1):
-        if stopped_early:
+    for epoch in range(len(run.history) + 1, config.max_epochs + 1):
+        if run.stopped_early():
             break
         epoch_started = time.perf_counter()
-        loss = _train_epoch(model, encoded.train, optimizer, scheduler, config, epoch, device, progress,
-                            report_written if unreported else None)
-        dev = score(predict(model, encoded.dev, config.eval_batch_size, device), encoded.dev.targets)
+        loss = _train_epoch(run.model, run.encoded.train, run.optimizer, run.scheduler, config, epoch, run.device,
+                            progress, report_written if unreported else None)
+        dev = score(predict(run.model, run.encoded.dev, config.eval_batch_size, run.device),
+                    run.encoded.dev.targets)
         if not (math.isfinite(loss) and math.isfinite(dev.mse)):
             raise TrainingError(f"training diverged at epoch {epoch} (loss {loss}): lower the learning rate")
-        previous_best = best_epoch
-        improved = best_epoch == 0 or dev.mse < history[best_epoch - 1].dev.mse
+        previous_best = run.best_epoch
+        improved = run.best_epoch == 0 or dev.mse < run.history[run.best_epoch - 1].dev.mse
         if improved:
-            best_epoch = epoch
-            best_model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        history.append(EpochResult(epoch, loss, dev, time.perf_counter() - epoch_started, improved))
+            run.best_epoch = epoch
+            run.best_model = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
+        run.history.append(EpochResult(epoch, loss, dev, time.perf_counter() - epoch_started, improved))
         if writer:
-            state = {
-                "fingerprint": fingerprint,
-                "data_sha256": corpus.sha256,
-                "config": config.to_dict(),
-                "epoch": epoch,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": capture_rng(),
-                "history": [h.as_dict() for h in history],
-                "best_epoch": best_epoch,
-                "vocab": list(encoded.vocab.itos) if encoded.vocab else None,
-            }
-            writer.save(state, best_model if improved else None, previous_best)
-        unreported.append(history[-1])
+            writer.save(run.checkpoint(), run.best_model if improved else None, previous_best)
+        unreported.append(run.history[-1])
         report_written()
-        stopped_early = _patience_exhausted(history, best_epoch, config.patience)
     if writer:
         writer.wait()
     report_written()
-    return best_epoch, best_model, stopped_early
+    return run.stopped_early()
 
 
 def train(
@@ -272,33 +299,24 @@ def train(
     optimizer = _optimizer(config, model, dev_device)
     scheduler = _scheduler(config, optimizer, math.ceil(len(encoded.train) / config.batch_size))
 
-    fingerprint = config.fingerprint()
-    run = RunDirectory(run_dir) if run_dir is not None else None
-    history: list[EpochResult] = []
-    best_epoch, best_model = 0, None
-    checkpoint = run.load(fingerprint, corpus.sha256) if run else None
+    run = _Run(config, corpus.sha256, encoded, model, optimizer, scheduler, dev_device)
+    directory = RunDirectory(run_dir) if run_dir is not None else None
+    checkpoint = directory.load(config.fingerprint(), corpus.sha256) if directory else None
     if checkpoint and checkpoint["best_epoch"] > config.max_epochs:
         # Trained further than this budget, and its best epoch lies beyond it: those weights are not
         # what a run of max_epochs would have produced.
-        run.discard(f"their best epoch {checkpoint['best_epoch']} is beyond max_epochs {config.max_epochs}")
+        directory.discard(f"their best epoch {checkpoint['best_epoch']} is beyond max_epochs {config.max_epochs}")
         checkpoint = None
     if checkpoint:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        restore_rng(checkpoint["rng"])
-        history = [EpochResult.from_dict(h) for h in checkpoint["history"]][: config.max_epochs]
-        best_epoch, best_model = checkpoint["best_epoch"], checkpoint["best_model"]
-    resumed_from = len(history)
-    for restored in history:
+        run.restore(checkpoint)
+    resumed_from = len(run.history)
+    for restored in run.history:
         if on_epoch:
             on_epoch(dataclasses.replace(restored, restored=True))
 
-    writer = BackgroundWriter(run) if run else None
+    writer = BackgroundWriter(directory) if directory else None
     try:
-        best_epoch, best_model, stopped_early = _epochs(
-            config, corpus, encoded, model, optimizer, scheduler, dev_device, history, best_epoch, best_model,
-            writer, on_epoch, progress)
+        stopped_early = _epochs(run, writer, on_epoch, progress)
     except BaseException:
         if writer:
             try:
@@ -307,16 +325,16 @@ def train(
                 log.warning("the last checkpoint was not written either: %s", exc)
         raise
 
-    model.load_state_dict(best_model)
+    model.load_state_dict(run.best_model)
     test = None
     if len(encoded.test):
         test = score(predict(model, encoded.test, config.eval_batch_size, dev_device), encoded.test.targets)
     return RunResult(
         config=config,
-        best_epoch=best_epoch,
-        dev=history[best_epoch - 1].dev,
+        best_epoch=run.best_epoch,
+        dev=run.history[run.best_epoch - 1].dev,
         test=test,
-        history=tuple(history),
+        history=tuple(run.history),
         resumed_from=resumed_from,
         stopped_early=stopped_early,
         trainable_params=n_trainable,

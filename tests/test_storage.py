@@ -211,12 +211,15 @@ def test_the_batched_calls_ride_out_a_lost_database_like_optunas_own(tmp_path, m
     monkeypatch.setattr(rdb, "_create_scoped_session", flaky)
     survives(lambda: set_user_attrs(trial, {"worker": "w"}))
     # Optuna's study cache reaches past the public API for these: trial creation, reads, parameters.
-    survives(lambda: study.enqueue_trial({"x": 2.0}))
+    survives(lambda: storage._create_new_trial(study._study_id))  # a fresh trial, as a sampled study's `ask`
     assert len(survives(lambda: study.get_trials(deepcopy=False))) == 2
     assert survives(lambda: trial.suggest_float("x", 0.0, 2.0)) == 1.0
     set_user_attrs_with_final_state(trial, {"best_epoch": 2})
     survives(lambda: study.tell(trial, 0.5))  # its attributes are written again with each retry of the state
+    failures.clear()
+    with pytest.raises(OperationalError):  # enqueueing is not retried: a lost answer would queue a point twice
+        study.enqueue_trial({"x": 2.0})
     monkeypatch.undo()
     assert study.trials[0].state == TrialState.COMPLETE and study.trials[0].params == {"x": 1.0}
     assert study.trials[0].user_attrs == {"worker": "w", "best_epoch": 2}
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.WAITING]
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.RUNNING]

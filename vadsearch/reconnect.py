@@ -106,11 +106,15 @@ class ReconnectingRDBStorage(RDBStorage):
         super().__init__(*args, **kwargs)
         self._final_attrs: dict[int, dict[str, Any]] = {}
 
-    @retrying
     def _create_new_trial(self, study_id: int, template_trial=None):
-        if template_trial is None and self.queue_only:  # `ask` with nothing to pop; enqueueing passes a template
+        if template_trial is not None:
+            # Enqueueing is not retried: after a commit whose answer was lost, a retry would queue the
+            # point twice. A failure here stops the worker; the next reconcile queues what is missing.
+            return super()._create_new_trial(study_id, template_trial)
+        if self.queue_only:  # `ask` found nothing to pop
             raise QueueEmpty
-        return super()._create_new_trial(study_id, template_trial)
+        # A fresh trial of a sampled study: one created twice is never run, and goes stale unnoticed.
+        return retrying(RDBStorage._create_new_trial)(self, study_id, None)
 
     def attrs_with_final_state(self, trial_id: int, attrs: dict[str, Any]) -> None:
         """Hold `attrs` until the trial's final state is written, then write them with it."""

@@ -113,7 +113,8 @@ class ReconnectingRDBStorage(RDBStorage):
             return super()._create_new_trial(study_id, template_trial)
         if self.queue_only:  # `ask` found nothing to pop
             raise QueueEmpty
-        # A fresh trial of a sampled study: one created twice is never run, and goes stale unnoticed.
+        # A fresh trial of a sampled study: one created twice is never run; an empty trial without a
+        # configuration, which the queue ignores, is the cost of that rare case.
         return retrying(RDBStorage._create_new_trial)(self, study_id, None)
 
     def attrs_with_final_state(self, trial_id: int, attrs: dict[str, Any]) -> None:

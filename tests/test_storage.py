@@ -223,3 +223,41 @@ def test_the_batched_calls_ride_out_a_lost_database_like_optunas_own(tmp_path, m
     assert study.trials[0].state == TrialState.COMPLETE and study.trials[0].params == {"x": 1.0}
     assert study.trials[0].user_attrs == {"worker": "w", "best_epoch": 2}
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.RUNNING]
+
+
+@pytest.mark.postgres
+def test_a_transaction_abandoned_mid_way_releases_its_locks_on_postgres(postgres, monkeypatch):
+    """A worker cut off inside a transaction: the server ends its session, and another worker can take
+    the trial's row lock instead of waiting until TCP notices the dead connection (hours)."""
+    import uuid
+
+    import optuna
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    from vadsearch import storage as storage_module
+    from vadsearch.reconnect import _transient
+
+    monkeypatch.setattr(storage_module, "IDLE_IN_TRANSACTION_S", 1)
+    cut = open_storage(POSTGRES_URL)
+    study = optuna.create_study(study_name=f"idle-{uuid.uuid4().hex[:8]}", storage=cut)
+    trial_id = study.ask()._trial_id
+    lock = text("SELECT 1 FROM trials WHERE trial_id = :t FOR UPDATE")
+    try:
+        abandoned = cut.engine.connect()  # locks the trial's row, then goes silent
+        assert abandoned.execute(text("SHOW idle_in_transaction_session_timeout")).scalar() == "1s"
+        abandoned.execute(lock, {"t": trial_id})
+        with open_storage(POSTGRES_URL).engine.connect() as other:
+            other.execute(text("SET lock_timeout = '20s'"))
+            started = time.monotonic()
+            other.execute(lock, {"t": trial_id})
+            waited = time.monotonic() - started
+            other.rollback()
+        assert 0.5 < waited < 10, waited
+        # The abandoned session's next use fails as a lost connection, which a worker waits out and retries.
+        with pytest.raises(DBAPIError) as lost:
+            abandoned.execute(text("SELECT 1"))
+        assert _transient(lost.value)
+        abandoned.invalidate()
+    finally:
+        optuna.delete_study(study_name=study.study_name, storage=postgres)

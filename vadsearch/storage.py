@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 DEFAULT_STORAGE = "sqlite:///vadsearch.db"
 SQLITE_BUSY_TIMEOUT_S = 60  # writers queue behind each other instead of failing with "database is locked"
 POOL_RECYCLE_S = 300  # PostgreSQL servers and proxies drop idle connections; replace them before that
+IDLE_IN_TRANSACTION_S = 60  # PostgreSQL ends a session of ours that sits inside a transaction this long
 PG_CONNECT_ARGS = {
     "connect_timeout": 10,  # seconds
     "keepalives": 1, "keepalives_idle": 15, "keepalives_interval": 5, "keepalives_count": 3,
@@ -130,6 +131,8 @@ def open_storage(
             )
             if path is not None and create:
                 _begin_immediate(storage.engine)
+            elif path is None and storage.engine.name == "postgresql":
+                _end_abandoned_transactions(storage.engine)
             if outage_limit is not None:
                 storage.outage_limit = outage_limit
             return storage
@@ -195,6 +198,30 @@ def _begin_immediate(engine) -> None:
         # Straight to the driver: through SQLAlchemy's statement path this line took about 6% of a no-op
         # trial's time (cProfile of benchmarks/bench_orchestration.py), on every transaction.
         connection.connection.driver_connection.execute("BEGIN IMMEDIATE")
+
+
+def _end_abandoned_transactions(engine) -> None:
+    """Have PostgreSQL end any session of this storage that sits inside a transaction for longer than
+    `IDLE_IN_TRANSACTION_S`, releasing its locks.
+
+    A worker whose network is cut in the middle of a transaction (an epoch's report, say) keeps that
+    transaction's locks on its trial until the server notices the dead connection, which with TCP's
+    defaults takes hours; meanwhile the worker that fails the trial as stale waits on those locks (found
+    by tests/test_network_cut.py). vadsearch's transactions last milliseconds; one that is ended by
+    mistake fails with a lost connection, which is retried. Set per session with SET, because PgBouncer
+    refuses the `options` startup parameter.
+    """
+    from sqlalchemy import event
+
+    engine.dispose()  # connections opened while Optuna checked its tables predate the hook below
+
+    @event.listens_for(engine, "connect")
+    def _timeout(dbapi_connection, _record) -> None:
+        autocommit = dbapi_connection.autocommit
+        dbapi_connection.autocommit = True
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(f"SET idle_in_transaction_session_timeout = {int(IDLE_IN_TRANSACTION_S * 1000)}")
+        dbapi_connection.autocommit = autocommit
 
 
 def _lock_key(name: str) -> int:

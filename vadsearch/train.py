@@ -138,7 +138,9 @@ def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _train_epoch(model, split, optimizer, scheduler, config, epoch, device, progress, after_step=None) -> float:
+def _train_epoch(run: _Run, epoch: int, progress: bool, after_step: Callable[[], None] | None = None) -> float:
+    model, split, optimizer, scheduler = run.model, run.encoded.train, run.optimizer, run.scheduler
+    config, device = run.config, run.device
     model.train()
     # Each epoch's order depends only on (seed, epoch): a resumed run sees the same batches.
     batches = train_batches(split.lengths, config.batch_size, np.random.default_rng([config.seed, epoch]))
@@ -243,8 +245,7 @@ def _epochs(run: _Run, writer: BackgroundWriter | None, on_epoch: EpochCallback 
         if run.stopped_early():
             break
         epoch_started = time.perf_counter()
-        loss = _train_epoch(run.model, run.encoded.train, run.optimizer, run.scheduler, config, epoch, run.device,
-                            progress, report_written if unreported else None)
+        loss = _train_epoch(run, epoch, progress, report_written if unreported else None)
         dev = score(predict(run.model, run.encoded.dev, config.eval_batch_size, run.device),
                     run.encoded.dev.targets)
         if not (math.isfinite(loss) and math.isfinite(dev.mse)):

@@ -1,6 +1,6 @@
 """Training speed against the plain reference loop (reference.py), measured in one run on one device.
 
-    python benchmarks/bench_train.py --device cuda --workers 8 --quality --compile    # on a GPU
+    python benchmarks/bench_train.py --device cuda --workers 8 --quality --graphs     # on a GPU
     python benchmarks/bench_train.py --device cpu --small                               # a smoke run (CI)
 
 Rows, each a ratio against the reference loop measured in the same run:
@@ -9,6 +9,8 @@ Rows, each a ratio against the reference loop measured in the same run:
                     peak memory reserved per worker, and the most device memory in use at once
   grids             the report's grids projected from those rates: BERT 6x9 epochs, LSTM 72x9 epochs
   quality           pretrained MiniLM, 3 epochs: best dev of vadsearch's loop vs the reference loop
+  bert graphs ...   the BERT rows (and quality) again with the step replayed from CUDA graphs
+                    (VADSEARCH_CUDA_GRAPHS=1), against the same reference: CUDA only
   compile           torch.compile on the one-trial BERT run: its first epoch (compiling) and a warm one
 
 Random weights are fine for timing (same shapes). Absolute seconds on shared machines are noise; ratios
@@ -18,6 +20,7 @@ within one run are not.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -79,8 +82,9 @@ def child(spec: dict) -> dict:
             free, total = torch.cuda.mem_get_info()  # every process's use of the device
             used.append(total - free)
 
-    result = train(TrainConfig.from_dict(spec["config"]), corpus, device=spec["device"], on_epoch=on_epoch)
-    return {"epoch_ends": ends, "epoch_seconds": [h.seconds for h in result.history],
+    with step_warnings() as warnings:
+        result = train(TrainConfig.from_dict(spec["config"]), corpus, device=spec["device"], on_epoch=on_epoch)
+    return {"epoch_ends": ends, "epoch_seconds": [h.seconds for h in result.history], "step_warnings": warnings,
             "peak_reserved": torch.cuda.max_memory_reserved() if cuda else 0,
             "device_used": max(used, default=0), "best_dev": result.dev.mse}
 
@@ -118,7 +122,8 @@ def concurrent(args, config, workers: int, reference_s: float) -> dict:
     per_minute = 60 * sum(rates)
     return {"finished": len(results), "epochs_per_min": per_minute, "vs_reference": per_minute * reference_s / 60,
             "peak_mib_per_worker": max(r["peak_reserved"] for r in results) / 2**20,
-            "device_used_gib": max(r["device_used"] for r in results) / 2**30, "overlapped": float(overlapped)}
+            "device_used_gib": max(r["device_used"] for r in results) / 2**30, "overlapped": float(overlapped),
+            "fell_back_to_eager": float(sum(bool(r["step_warnings"]) for r in results))}  # workers, of n
 
 
 def compiled(args, config, mode: str, eager: dict) -> dict:
@@ -150,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--models", default="bert,lstm", help="which models' rows to measure")
     parser.add_argument("--epochs-per-worker", type=int, default=3, help="epochs each concurrent trial runs")
     parser.add_argument("--quality", action="store_true", help="MiniLM: fast vs reference best dev, 3 epochs")
+    parser.add_argument("--graphs", action="store_true", help="also the BERT rows with CUDA graphs (CUDA only)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile on the BERT trial")
     parser.add_argument("--compile-only", action="store_true", help="only the torch.compile row")
     parser.add_argument("--compile-modes", default="default", help="torch.compile modes, e.g. default,reduce-overhead")
@@ -192,26 +198,84 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def measure(args, corpus, device, bert, lstm, workers: int, lstm_workers: int, rows: dict) -> None:
+    references = {}
     for name, config, n in (("bert", bert, workers), ("lstm", lstm, lstm_workers)):
         if name not in args.models.split(","):
             continue
-        reference_s, _ = reference_run(config.replace(max_epochs=1), corpus, device)
-        fast_s, _, peak = fast_epochs(config, corpus, args.device)  # the 2nd epoch: warm caches
-        rows[name] = {"reference_s": reference_s, "fast_s": fast_s, "speedup": reference_s / fast_s,
-                      "peak_gpu_mib": peak / 2**20}
-        if n:
-            rows[f"{name} x{n}"] = concurrent(args, config, n, reference_s)
-        _emit(rows, args)
+        references[name], _ = reference_run(config.replace(max_epochs=1), corpus, device)
+        measure_fast(args, corpus, name, config, n, references[name], rows)
     if f"bert x{workers}" in rows and f"lstm x{lstm_workers}" in rows:
         rows["grids"] = {"bert_6x9_min": BERT_GRID_EPOCHS / rows[f"bert x{workers}"]["epochs_per_min"],
                          "lstm_72x9_min": LSTM_GRID_EPOCHS / rows[f"lstm x{lstm_workers}"]["epochs_per_min"]}
+    minilm = bert.replace(model_name=str(args.minilm), max_epochs=3, lr=5e-5)
     if args.quality and args.minilm.is_dir():
-        minilm = bert.replace(model_name=str(args.minilm), max_epochs=3, lr=5e-5)
-        _, reference = reference_run(minilm, corpus, device)
-        _, fast, _ = fast_epochs(minilm, corpus, args.device)
-        rows["quality"] = {"reference_best_dev": reference, "fast_best_dev": fast,
-                           "difference": abs(fast - reference)}  # target: within 0.002
+        _, references["quality"] = reference_run(minilm, corpus, device)
+        rows["quality"] = quality(args, corpus, minilm, references["quality"])
     _emit(rows, args)
+    if args.graphs and "bert" in references:
+        if device.type != "cuda":
+            print("bert graphs: no figure, CUDA graphs need a CUDA device", file=sys.stderr)
+            return
+        with cuda_graphs():
+            measure_fast(args, corpus, "bert graphs", bert, workers, references["bert"], rows)
+            together = rows.get(f"bert graphs x{workers}")
+            if together:
+                rows["grids"] = {**rows.get("grids", {}),
+                                 "bert_6x9_min_graphs": BERT_GRID_EPOCHS / together["epochs_per_min"]}
+            if "quality" in references:
+                rows["quality graphs"] = quality(args, corpus, minilm, references["quality"])
+        _emit(rows, args)
+
+
+def measure_fast(args, corpus, name: str, config, n: int, reference_s: float, rows: dict) -> None:
+    with step_warnings() as warnings:
+        fast_s, _, peak = fast_epochs(config, corpus, args.device)  # the 2nd epoch: warm caches
+    rows[name] = {"reference_s": reference_s, "fast_s": fast_s, "speedup": reference_s / fast_s,
+                  "peak_gpu_mib": peak / 2**20}
+    if warnings:  # a graphed row whose step fell back to eager: its figures are the eager step's
+        rows[name]["fell_back_to_eager"] = 1.0
+        print(f"{name}: {warnings[0]}", file=sys.stderr)
+    if n:
+        rows[f"{name} x{n}"] = concurrent(args, config, n, reference_s)
+    _emit(rows, args)
+
+
+def quality(args, corpus, minilm, reference: float) -> dict:
+    _, fast, _ = fast_epochs(minilm, corpus, args.device)
+    return {"reference_best_dev": reference, "fast_best_dev": fast,
+            "difference": abs(fast - reference)}  # target: within 0.002
+
+
+@contextlib.contextmanager
+def step_warnings():
+    """The warnings vadsearch.step logs meanwhile (a step that could not be captured)."""
+    import logging
+
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("vadsearch.step")
+    logger.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+
+
+@contextlib.contextmanager
+def cuda_graphs():
+    """The training step replayed from CUDA graphs, here and in the worker processes started meanwhile."""
+    from vadsearch.step import GRAPHS_ENV
+
+    before = os.environ.get(GRAPHS_ENV)
+    os.environ[GRAPHS_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[GRAPHS_ENV]
+        else:
+            os.environ[GRAPHS_ENV] = before
 
 
 def _emit(rows: dict, args) -> None:

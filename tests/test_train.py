@@ -485,9 +485,9 @@ def test_training_goes_on_while_a_checkpoint_is_written(
     _slow_saves(monkeypatch, log=log)
     real_epoch = train_module._train_epoch
 
-    def logged_epoch(run, epoch, *args, **kwargs):
+    def logged_epoch(run, step, epoch, *args, **kwargs):
         log.append(("trains", epoch, time.monotonic()))
-        return real_epoch(run, epoch, *args, **kwargs)
+        return real_epoch(run, step, epoch, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "_train_epoch", logged_epoch)
     on_disk_when_reported = []

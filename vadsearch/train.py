@@ -16,7 +16,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vadsearch.batching import collate, eval_batches, train_batches
@@ -27,6 +26,7 @@ from vadsearch.encoding import EncodedCorpus, EncodedSplit, encode_corpus
 from vadsearch.errors import ConfigError, TrainingError
 from vadsearch.metrics import Scores, score, train_means
 from vadsearch.seeding import capture_rng, restore_rng, seed_everything
+from vadsearch.step import Step, autocast, make_step
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +93,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def _autocast(device: torch.device):
-    # bf16 keeps fp32's exponent range, so regression targets need no loss scaling.
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def predict(model: nn.Module, split: EncodedSplit, batch_size: int, device: torch.device) -> np.ndarray:
     """(n, 3) predictions in row order, clipped to the rating scale [1, 5]."""
     if len(split) == 0:
@@ -106,7 +101,7 @@ def predict(model: nn.Module, split: EncodedSplit, batch_size: int, device: torc
     model.eval()
     batches = eval_batches(split.lengths, batch_size)
     outputs = []
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), autocast(device):
         for rows in batches:
             ids, lengths, _ = collate(split, rows, device)
             outputs.append(model(ids, lengths).float())
@@ -138,7 +133,8 @@ def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _train_epoch(run: _Run, epoch: int, progress: bool, after_step: Callable[[], None] | None = None) -> float:
+def _train_epoch(run: _Run, step: Step, epoch: int, progress: bool,
+                 after_step: Callable[[], None] | None = None) -> float:
     model, split, optimizer, scheduler = run.model, run.encoded.train, run.optimizer, run.scheduler
     config, device = run.config, run.device
     model.train()
@@ -147,17 +143,12 @@ def _train_epoch(run: _Run, epoch: int, progress: bool, after_step: Callable[[],
     params = [p for p in model.parameters() if p.requires_grad]
     total = torch.zeros((), device=device)  # summed on the device: no host sync per step
     for rows in _bar(batches, progress, f"epoch {epoch}/{config.max_epochs}"):
-        ids, lengths, targets = collate(split, rows, device)
-        with _autocast(device):
-            predictions = model(ids, lengths)
-        loss = F.mse_loss(predictions.float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = step(*collate(split, rows, device))
         if config.grad_clip:
             nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
         scheduler.step()
-        total += loss.detach() * len(rows)
+        total += loss * len(rows)
         if after_step:
             after_step()
     return (total / len(split)).item()
@@ -230,6 +221,7 @@ def _epochs(run: _Run, writer: BackgroundWriter | None, on_epoch: EpochCallback 
     """Train the epochs still to do; return whether patience ran out."""
     config = run.config
     unreported: list[EpochResult] = []  # trained, checkpoint still being written
+    step = make_step(run.model, run.device)  # built once: a graphed step keeps its graphs across epochs
 
     def report_written() -> None:
         # An epoch is reported once its checkpoint is on disk, so a reported epoch is never lost to a
@@ -245,7 +237,7 @@ def _epochs(run: _Run, writer: BackgroundWriter | None, on_epoch: EpochCallback 
         if run.stopped_early():
             break
         epoch_started = time.perf_counter()
-        loss = _train_epoch(run, epoch, progress, report_written if unreported else None)
+        loss = _train_epoch(run, step, epoch, progress, report_written if unreported else None)
         dev = score(predict(run.model, run.encoded.dev, config.eval_batch_size, run.device),
                     run.encoded.dev.targets)
         if not (math.isfinite(loss) and math.isfinite(dev.mse)):

@@ -32,6 +32,8 @@ class BertRegressor(nn.Module):
             # Starting at the training means instead of 0 saves the first epoch (MSE ≈ 9 otherwise).
             self.head.bias.copy_(torch.as_tensor(output_bias, dtype=torch.float32))
         self.prepared_mask = takes_prepared_mask(encoder)
+        # Its step can be a CUDA graph (vadsearch.step) only without the host sync a 2-D mask brings.
+        self.capturable = self.prepared_mask
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=ids, attention_mask=attention_mask(ids, lengths, self.prepared_mask))

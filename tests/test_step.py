@@ -1,0 +1,159 @@
+"""The training step, eager or graphed: a graphed step must train exactly as the eager one does.
+
+On the CPU the graph is a stand-in that replays the captured body by running it again: that checks
+everything around the capture (static inputs refreshed, gradients zeroed and persistent, one capture
+per shape, warm-ups that change nothing, the fall-back). The GPU test at the end checks real graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from vadsearch.batching import collate, train_batches
+from vadsearch.config import TrainConfig
+from vadsearch.data import Corpus
+from vadsearch.encoding import encode_corpus
+from vadsearch.metrics import train_means
+from vadsearch.models import build_model
+from vadsearch.step import GRAPHS_ENV, CudaCapture, GraphedStep, eager_step, graphs_wanted, make_step
+
+CPU = torch.device("cpu")
+
+
+class ReplayByRerun:
+    """A capture stand-in: warm-ups run the body, and a replay runs it again on the static inputs."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.warmups: list[int] = []
+        self.fail_at = fail_at
+
+    def __call__(self, body, warmup_steps):
+        for _ in range(warmup_steps):
+            body()
+        if self.fail_at is not None and len(self.warmups) == self.fail_at:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.warmups.append(warmup_steps)
+        return body
+
+
+def _setup(tiny_bert_dir: str, corpus: Corpus, device: torch.device = CPU):
+    config = TrainConfig(model="bert", model_name=tiny_bert_dir, batch_size=8, lr=1e-3, optimizer="adamw",
+                         dropout=0.0, grad_clip=1.0, seed=0)
+    encoded = encode_corpus(config, corpus)
+    torch.manual_seed(0)
+    model = build_model(config, encoded, train_means(corpus)).to(device)
+    # No dropout: the graphed run's warm-ups draw random numbers an eager run does not, so only a
+    # model without randomness can be compared with it number for number.
+    model.eval()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+    return config, encoded, model, optimizer
+
+
+def _train(step, model, optimizer, encoded, config, device: torch.device = CPU, epochs: int = 2) -> list[float]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses = []
+    for epoch in range(epochs):
+        for rows in train_batches(encoded.train.lengths, config.batch_size, np.random.default_rng([0, epoch])):
+            loss = step(*collate(encoded.train, rows, device))
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            losses.append(float(loss))
+    return losses
+
+
+def _shapes(encoded, config, epochs: int = 2) -> set[tuple[int, int]]:
+    shapes = set()
+    for epoch in range(epochs):
+        for rows in train_batches(encoded.train.lengths, config.batch_size, np.random.default_rng([0, epoch])):
+            shapes.add(tuple(collate(encoded.train, rows, CPU)[0].shape))
+    return shapes
+
+
+@pytest.fixture
+def eager_run(tiny_bert_dir: str, tiny_corpus: Corpus):
+    config, encoded, model, optimizer = _setup(tiny_bert_dir, tiny_corpus)
+    losses = _train(eager_step(model, CPU), model, optimizer, encoded, config)
+    return losses, model.state_dict()
+
+
+def test_a_graphed_step_trains_exactly_as_the_eager_one(tiny_bert_dir: str, tiny_corpus: Corpus, eager_run) -> None:
+    config, encoded, model, optimizer = _setup(tiny_bert_dir, tiny_corpus)
+    capture = ReplayByRerun()
+    step = GraphedStep(model, CPU, capture)
+    losses = _train(step, model, optimizer, encoded, config)
+
+    eager_losses, eager_weights = eager_run
+    assert losses == pytest.approx(eager_losses, rel=1e-6)  # fresh inputs copied in before every replay
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, eager_weights[name], rtol=1e-5, atol=1e-6, msg=name)
+    shapes = _shapes(encoded, config)
+    assert len(shapes) > 1 and set(step.shapes) == shapes  # one capture per shape, never more
+    # 3 warm-ups before the first capture (one of them allocating the gradients), 1 for each later shape.
+    assert capture.warmups == [2] + [1] * (len(shapes) - 1)
+    # The gradients every graph writes are the same tensors from step to step.
+    assert all(p.grad is g for p, g in zip(step.params, step.grads))
+
+
+def test_a_step_that_cannot_be_captured_trains_eagerly(
+    tiny_bert_dir: str, tiny_corpus: Corpus, eager_run, caplog: pytest.LogCaptureFixture
+) -> None:
+    config, encoded, model, optimizer = _setup(tiny_bert_dir, tiny_corpus)
+    step = GraphedStep(model, CPU, ReplayByRerun(fail_at=1))  # the second shape fails to capture
+    with caplog.at_level(logging.WARNING, logger="vadsearch.step"):
+        losses = _train(step, model, optimizer, encoded, config)
+    eager_losses, eager_weights = eager_run
+    assert losses == pytest.approx(eager_losses, rel=1e-6)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, eager_weights[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert step.failed and not step.shapes
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == ["training without CUDA graphs: this model's step cannot be captured "
+                        "(operation not permitted when stream is capturing)"]
+
+
+def test_a_trainable_tensor_the_forward_never_reaches_keeps_the_step_eager(
+    tiny_bert_dir: str, tiny_corpus: Corpus, caplog: pytest.LogCaptureFixture
+) -> None:
+    config, encoded, model, optimizer = _setup(tiny_bert_dir, tiny_corpus)
+    model.encoder.pooler.requires_grad_(True)  # the regressor reads [CLS], never the pooled output
+    step = GraphedStep(model, CPU, ReplayByRerun())
+    with caplog.at_level(logging.WARNING, logger="vadsearch.step"):
+        _train(step, model, optimizer, encoded, config, epochs=1)
+    assert step.failed
+    assert "2 trainable tensors get no gradient" in caplog.text
+    # Eager, as before: the pooler has no gradient, so the optimizer leaves it alone.
+    assert model.encoder.pooler.dense.weight.grad is None
+
+
+def test_graphs_are_opt_in_and_for_cuda_models_that_allow_them(
+    tiny_bert_dir: str, tiny_corpus: Corpus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, _, model, _ = _setup(tiny_bert_dir, tiny_corpus)
+    assert model.capturable  # a BERT on SDPA attention with the prepared mask
+    for value, wanted in (("1", True), ("yes", True), ("0", False), ("", False), ("off", False)):
+        monkeypatch.setenv(GRAPHS_ENV, value)
+        assert graphs_wanted() is wanted
+    monkeypatch.setenv(GRAPHS_ENV, "1")
+    assert not isinstance(make_step(model, CPU), GraphedStep)  # graphs exist on CUDA only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_real_cuda_graphs_train_as_the_eager_step(tiny_bert_dir: str, tiny_corpus: Corpus) -> None:
+    cuda = torch.device("cuda")
+    config, encoded, model, optimizer = _setup(tiny_bert_dir, tiny_corpus, cuda)
+    eager_losses = _train(eager_step(model, cuda), model, optimizer, encoded, config, cuda)
+    eager_weights = {k: v.clone() for k, v in model.state_dict().items()}
+
+    config, encoded, model, optimizer = _setup(tiny_bert_dir, tiny_corpus, cuda)
+    step = GraphedStep(model, cuda, CudaCapture())
+    losses = _train(step, model, optimizer, encoded, config, cuda)
+    assert not step.failed and set(step.shapes) == _shapes(encoded, config)
+    # Same bf16 kernels in both, but not bit for bit: allow rounding, not a stale batch or a lost update.
+    assert losses == pytest.approx(eager_losses, rel=2e-2)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, eager_weights[name], rtol=2e-2, atol=2e-3, msg=name)

@@ -1,17 +1,21 @@
 """A whole study run end to end through `vadsearch launch`, timed from the command to its last trial.
 
     python benchmarks/bench_grid.py studies/bert.toml --workers 6 --random-base     # the report's BERT grid
+    python benchmarks/bench_grid.py studies/lstm.toml --workers 8 --random-vectors   # the report's LSTM grid
     python benchmarks/bench_grid.py studies/bert.toml --workers 2 --small --data tiny.csv --model-name DIR
 
 `--random-base` trains a randomly initialised bert-base (the timing of bert-base-uncased, which this
-machine may not be able to download). Everything, including each worker's start-up, model loading and
-checkpoint writes, is inside the wall time; storage and artifacts go to a temporary directory.
+machine may not be able to download). `--random-vectors` gives an LSTM study a stand-in 300-d vector file
+instead of GloVe 6B 300d: the embedding layer has the vocabulary's rows and 300 columns either way, so
+the timing is the same. Everything, including each worker's start-up, model loading and checkpoint
+writes, is inside the wall time; storage and artifacts go to a temporary directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -21,6 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference import MINILM, REPO, random_encoder_dir  # noqa: E402
+
+GLOVE_DIM = 300  # the LSTM grid's glove.6B.300d
 
 
 def run(study: Path, workers: int, data: Path, device: str, sets: list[str], keep_dir: Path | None = None) -> dict:
@@ -51,6 +57,15 @@ def run(study: Path, workers: int, data: Path, device: str, sets: list[str], kee
             "mean_trial_s": sum(durations) / max(1, len(durations)), "best_dev": min(t.value for t in complete)}
 
 
+def random_vectors_file(dim: int = GLOVE_DIM) -> Path:
+    """A GloVe-format file of one word: every other vocabulary word starts random, as GloVe's misses do."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-vectors-"))
+    path = folder / f"random.{dim}d.txt"
+    rng = random.Random(0)
+    path.write_text("the " + " ".join(f"{rng.gauss(0, 0.1):.5f}" for _ in range(dim)) + "\n", encoding="utf-8")
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", type=Path)
@@ -61,19 +76,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--random-base", action="store_true", help="a randomly initialised bert-base encoder")
     parser.add_argument("--small", action="store_true", help="with --random-base: a tiny encoder instead")
     parser.add_argument("--minilm", type=Path, default=MINILM, help="where --random-base takes its tokenizer")
+    parser.add_argument("--random-vectors", action="store_true", help="a stand-in 300-d vector file for GloVe")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE, as for launch")
     parser.add_argument("--keep-logs", type=Path, help="copy the workers' logs here")
     args = parser.parse_args(argv)
 
     encoder = random_encoder_dir(args.small, args.minilm) if args.random_base else None
+    vectors = random_vectors_file() if args.random_vectors else None
     sets = list(args.sets)
     if encoder or args.model_name:
         sets.append(f"model_name={encoder or args.model_name}")
+    if vectors:
+        sets.append(f"vectors={vectors}")
     try:
         row = run(args.study, args.workers, args.data, args.device, sets, args.keep_logs)
     finally:
-        if encoder:
-            shutil.rmtree(encoder, ignore_errors=True)
+        for made in (encoder, vectors and vectors.parent):
+            if made:
+                shutil.rmtree(made, ignore_errors=True)
     print(f"{args.study} x{args.workers} workers: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
     return row
 

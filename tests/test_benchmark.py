@@ -64,3 +64,14 @@ def test_orchestration_benchmark_runs_both_loops_on_sqlite(real_data_path, capsy
     assert 0 < row["worker_start_s"] < 60
     assert "ratio" in capsys.readouterr().out
 
+
+def test_an_lstm_grid_runs_on_stand_in_vectors(tiny_csv, tmp_path):
+    # GloVe cannot be downloaded here: without the stand-in file the external-embedding trial would fail.
+    study = tmp_path / "lstm-glove.toml"
+    study.write_text(
+        '[study]\nsampler = "grid"\nmax_retries = 0\n'
+        '[train]\nmodel = "lstm"\nmax_epochs = 1\nbatch_size = 16\nhidden_size = 8\nvectors = "glove.6B.300d"\n'
+        '[search]\nembedding = ["internal", "external"]\n', encoding="utf-8")
+    row = _load("bench_grid").main([str(study), "--workers", "1", "--device", "cpu", "--data", str(tiny_csv),
+                                    "--random-vectors"])
+    assert row["trials"] == row["complete"] == 2

@@ -29,14 +29,15 @@ from reference import MINILM, REPO, random_encoder_dir  # noqa: E402
 GLOVE_DIM = 300  # the LSTM grid's glove.6B.300d
 
 
-def run(study: Path, workers: int, data: Path, device: str, sets: list[str], keep_dir: Path | None = None) -> dict:
+def run(study: Path, workers: int, data: Path, device: str, sets: list[str], keep_dir: Path | None = None,
+        launch_args: tuple[str, ...] = ()) -> dict:
     import optuna
 
     work = Path(tempfile.mkdtemp(prefix="bench-grid-"))
     storage = f"sqlite:///{work / 'study.db'}"
     command = [sys.executable, "-m", "vadsearch.cli", "launch", str(study), "--workers", str(workers),
                "--storage", storage, "--artifacts", str(work / "artifacts"), "--log-dir", str(work / "logs"),
-               "--data", str(data), "--device", device]
+               "--data", str(data), "--device", device, *launch_args]
     for item in sets:
         command += ["--set", item]
     started = time.perf_counter()
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--small", action="store_true", help="with --random-base: a tiny encoder instead")
     parser.add_argument("--minilm", type=Path, default=MINILM, help="where --random-base takes its tokenizer")
     parser.add_argument("--random-vectors", action="store_true", help="a stand-in 300-d vector file for GloVe")
+    parser.add_argument("--mps", action="store_true", help="launch the workers inside an NVIDIA MPS daemon")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE, as for launch")
     parser.add_argument("--keep-logs", type=Path, help="copy the workers' logs here")
     args = parser.parse_args(argv)
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     if vectors:
         sets.append(f"vectors={vectors}")
     try:
-        row = run(args.study, args.workers, args.data, args.device, sets, args.keep_logs)
+        row = run(args.study, args.workers, args.data, args.device, sets, args.keep_logs,
+                  ("--mps",) if args.mps else ())
     finally:
         for made in (encoder, vectors and vectors.parent):
             if made:

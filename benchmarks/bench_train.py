@@ -7,6 +7,8 @@ Rows, each a ratio against the reference loop measured in the same run:
   bert, lstm        one trial: seconds of a warm epoch (the 2nd), reference loop vs vadsearch's loop
   bert xN, lstm xN  N trials at once on the device: aggregate epochs per minute in steady state,
                     peak memory reserved per worker, and the most device memory in use at once
+                    (with --mps, the "... mps" rows again inside an NVIDIA MPS daemon, as
+                    `vadsearch launch --mps` runs them)
   grids             the report's grids projected from those rates: BERT 6x9 epochs, LSTM 72x9 epochs
   quality           pretrained MiniLM, 3 epochs: best dev of vadsearch's loop vs the reference loop
   bert graphs ...   the BERT rows (and quality) again with the step replayed from CUDA graphs
@@ -27,6 +29,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -89,13 +92,23 @@ def child(spec: dict) -> dict:
             "device_used": max(used, default=0), "best_dev": result.dev.mse}
 
 
-def run_children(args, config, workers: int, compile_mode: str | None = None, timeout: float | None = None):
+def run_children(args, config, workers: int, compile_mode: str | None = None, timeout: float | None = None,
+                 mps: bool = False):
     spec = {"config": config.to_dict(), "data": str(args.data), "small": args.small, "device": args.device,
             "compile": compile_mode}
     command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
     from vadsearch.launch import threads_per_worker
 
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads_per_worker(workers)))}
+    with contextlib.ExitStack() as stack:
+        if mps:
+            from vadsearch.mps import mps_daemon
+
+            env.update(stack.enter_context(mps_daemon((), Path(tempfile.mkdtemp(prefix="bench-mps-")))))
+        return _collect(command, env, workers, timeout)
+
+
+def _collect(command: list[str], env: dict, workers: int, timeout: float | None) -> list[dict]:
     processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                                   env=env) for _ in range(workers)]
     results = []
@@ -113,9 +126,9 @@ def run_children(args, config, workers: int, compile_mode: str | None = None, ti
     return results
 
 
-def concurrent(args, config, workers: int, reference_s: float) -> dict:
+def concurrent(args, config, workers: int, reference_s: float, mps: bool = False) -> dict:
     """N trials started together: the sum of their steady-state rates (epochs after each one's first)."""
-    results = run_children(args, config.replace(max_epochs=args.epochs_per_worker), workers)
+    results = run_children(args, config.replace(max_epochs=args.epochs_per_worker), workers, mps=mps)
     rates = [(len(r["epoch_ends"]) - 1) / (r["epoch_ends"][-1] - r["epoch_ends"][0]) for r in results]
     # The rates add up only over a span in which every worker was past its first epoch.
     overlapped = max(r["epoch_ends"][0] for r in results) < min(r["epoch_ends"][-1] for r in results)
@@ -156,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs-per-worker", type=int, default=3, help="epochs each concurrent trial runs")
     parser.add_argument("--quality", action="store_true", help="MiniLM: fast vs reference best dev, 3 epochs")
     parser.add_argument("--graphs", action="store_true", help="also the BERT rows with CUDA graphs (CUDA only)")
+    parser.add_argument("--mps", action="store_true", help="the concurrent rows again inside an NVIDIA MPS daemon")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile on the BERT trial")
     parser.add_argument("--compile-only", action="store_true", help="only the torch.compile row")
     parser.add_argument("--compile-modes", default="default", help="torch.compile modes, e.g. default,reduce-overhead")
@@ -237,6 +251,9 @@ def measure_fast(args, corpus, name: str, config, n: int, reference_s: float, ro
         print(f"{name}: {warnings[0]}", file=sys.stderr)
     if n:
         rows[f"{name} x{n}"] = concurrent(args, config, n, reference_s)
+        _emit(rows, args)
+        if args.mps:
+            rows[f"{name} x{n} mps"] = concurrent(args, config, n, reference_s, mps=True)
     _emit(rows, args)
 
 

@@ -47,3 +47,10 @@ def test_gpu_lists_parse() -> None:
 def test_at_least_one_worker() -> None:
     with pytest.raises(ConfigError, match="at least 1"):
         LaunchPlan(Path("s.toml"), workers=0)
+
+
+def test_every_worker_gets_the_launch_environment() -> None:
+    # How an MPS daemon's pipes reach the workers.
+    plan = LaunchPlan(Path("s.toml"), workers=2, gpus=("1",), env=(("CUDA_MPS_PIPE_DIRECTORY", "/tmp/mps-x"),))
+    assert [plan.environment(i)["CUDA_MPS_PIPE_DIRECTORY"] for i in range(2)] == ["/tmp/mps-x"] * 2
+    assert plan.environment(1)["CUDA_VISIBLE_DEVICES"] == "1"

@@ -6,6 +6,7 @@ Heavy libraries (torch, transformers, spaCy, Optuna) are imported inside the com
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -290,6 +291,9 @@ def launch(
     sets: SetOpt = None,
     log_dir: Annotated[Path, typer.Option(help="One log file per worker goes here.")] = Path("vadsearch-logs"),
     keep: KeepOpt = "best",
+    mps: Annotated[bool, typer.Option(
+        "--mps", help="Share each GPU through NVIDIA MPS, so that its workers' kernels run side by side "
+                      "(starts a private MPS daemon for this launch unless one is running).")] = False,
 ) -> None:
     """Start N workers on this machine (round-robin over --gpus) and show their combined progress.
 
@@ -297,10 +301,11 @@ def launch(
 
       vadsearch launch studies/lstm.toml --workers 8 --gpus 0,1
 
-      vadsearch launch studies/bert.toml --gpus 0 --workers-per-gpu 4
+      vadsearch launch studies/bert.toml --gpus 0 --workers-per-gpu 8 --mps
     """
     _setup_logging(False)
     from vadsearch import launch as launcher
+    from vadsearch.mps import mps_daemon
     from vadsearch.storage import storage_url
 
     from vadsearch.retention import check_keep
@@ -317,14 +322,16 @@ def launch(
     gpu_list = launcher.parse_gpus(gpus)
     if workers_per_gpu is not None:
         workers = workers_per_gpu * max(1, len(gpu_list))  # one small trial does not fill a large GPU
-    plan = launcher.LaunchPlan(study_file, workers, gpu_list, tuple(args), log_dir, storage=url)
-    processes = launcher.start(plan)
-    typer.echo(f"started {workers} worker(s) on {spec.name}; logs in {log_dir}/")
-    try:
-        codes = launcher.wait(processes, on_tick=_progress_bar(spec, url))
-    except KeyboardInterrupt:
-        typer.echo("interrupted: workers stopped; run the same command again to resume", err=True)
-        raise typer.Exit(130)
+    with mps_daemon(gpu_list, log_dir) if mps else contextlib.nullcontext({}) as mps_env:
+        plan = launcher.LaunchPlan(study_file, workers, gpu_list, tuple(args), log_dir, storage=url,
+                                   env=tuple(mps_env.items()))
+        processes = launcher.start(plan)
+        typer.echo(f"started {workers} worker(s) on {spec.name}; logs in {log_dir}/")
+        try:
+            codes = launcher.wait(processes, on_tick=_progress_bar(spec, url))
+        except KeyboardInterrupt:
+            typer.echo("interrupted: workers stopped; run the same command again to resume", err=True)
+            raise typer.Exit(130)
     failed = [i for i, code in enumerate(codes) if code != 0]
     if failed:
         typer.echo(f"error: worker(s) {', '.join(map(str, failed))} exited with an error; see {log_dir}/", err=True)

@@ -29,6 +29,7 @@ class LaunchPlan:
     worker_args: tuple[str, ...] = ()  # passed on to every `vadsearch worker`
     log_dir: Path = Path("vadsearch-logs")
     storage: str | None = None  # passed in the environment: a command line is readable by every local user
+    env: tuple[tuple[str, str], ...] = ()  # more environment for every worker (an MPS daemon's pipes)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -38,7 +39,7 @@ class LaunchPlan:
         return [sys.executable, "-m", "vadsearch.cli", "worker", str(self.study_file), "--quiet", *self.worker_args]
 
     def environment(self, index: int) -> dict[str, str]:
-        env = dict(os.environ)
+        env = {**os.environ, **dict(self.env)}
         # A share of the cores each: N workers each running a thread per core would spin against one
         # another on their CPU-side work (torchrun sets this too). A value the user set is kept.
         env.setdefault("OMP_NUM_THREADS", str(threads_per_worker(self.workers)))

@@ -33,6 +33,9 @@ def start_worker(cwd: Path, study: Path, *extra: str) -> subprocess.Popen:
         [sys.executable, "-m", "vadsearch.cli", "worker", str(study), "--device", "cpu", "-q",
          "--heartbeat-interval", "1", "--grace-period", "2", *extra],
         cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # Under a shell's `cmd &` SIGINT is ignored, and Python keeps an ignored SIGINT ignored: Ctrl-C
+        # would never reach the worker. A terminal's Ctrl-C is what this test stands for.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 

@@ -145,15 +145,18 @@ def test_graphs_are_opt_in_and_for_cuda_models_that_allow_them(
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_real_cuda_graphs_train_as_the_eager_step(tiny_bert_dir: str, tiny_corpus: Corpus) -> None:
     cuda = torch.device("cuda")
-    config, encoded, model, optimizer = _setup(tiny_bert_dir, tiny_corpus, cuda)
-    eager_losses = _train(eager_step(model, cuda), model, optimizer, encoded, config, cuda)
-    eager_weights = {k: v.clone() for k, v in model.state_dict().items()}
 
-    config, encoded, model, optimizer = _setup(tiny_bert_dir, tiny_corpus, cuda)
-    step = GraphedStep(model, cuda, CudaCapture())
-    losses = _train(step, model, optimizer, encoded, config, cuda)
+    def trained(make) -> tuple[list[float], torch.Tensor, torch.Tensor, object]:
+        config, encoded, model, optimizer = _setup(tiny_bert_dir, tiny_corpus, cuda)
+        before = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad]).clone()
+        step = make(model)
+        losses = _train(step, model, optimizer, encoded, config, cuda)
+        after = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+        return losses, after - before, step, (encoded, config)
+
+    eager_losses, eager_update, _, _ = trained(lambda model: eager_step(model, cuda))
+    losses, update, step, (encoded, config) = trained(lambda model: GraphedStep(model, cuda, CudaCapture()))
     assert not step.failed and set(step.shapes) == _shapes(encoded, config)
-    # Same bf16 kernels in both, but not bit for bit: allow rounding, not a stale batch or a lost update.
+    # The same bf16 kernels, but not bit for bit: a stale batch or a lost update would be far off.
     assert losses == pytest.approx(eager_losses, rel=2e-2)
-    for name, value in model.state_dict().items():
-        torch.testing.assert_close(value, eager_weights[name], rtol=2e-2, atol=2e-3, msg=name)
+    assert (update - eager_update).norm() < 0.1 * eager_update.norm()

@@ -79,16 +79,16 @@ class CudaCapture:
 
     def __init__(self) -> None:
         self.pool = torch.cuda.graph_pool_handle()
+        self.side = torch.cuda.Stream()  # one for every warm-up: memory cached for a stream stays with it
 
     def __call__(self, body, warmup_steps):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
             for _ in range(warmup_steps):
                 body()
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(self.side)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: the checkpoint writer's thread may touch the CUDA API while this thread captures.
+        # thread_local: a CUDA call from another thread (a checkpoint writer's, say) cannot break it.
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             loss = body()
 

@@ -67,7 +67,7 @@ def random_vectors_file(dim: int = GLOVE_DIM) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", type=Path)
     parser.add_argument("--workers", type=int, default=6)
@@ -81,7 +81,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mps", action="store_true", help="launch the workers inside an NVIDIA MPS daemon")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE, as for launch")
     parser.add_argument("--keep-logs", type=Path, help="copy the workers' logs here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
 
     encoder = random_encoder_dir(args.small, args.minilm) if args.random_base else None
     vectors = random_vectors_file() if args.random_vectors else None

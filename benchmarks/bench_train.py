@@ -159,7 +159,7 @@ def compiled(args, config, mode: str, eager: dict) -> dict:
             "break_even_epochs": (first - eager_first) / gain if gain > 0 else math.inf}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="tiny models and a data subset: a smoke run")
@@ -178,7 +178,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "emobank.csv")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return {}

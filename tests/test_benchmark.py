@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -75,3 +78,19 @@ def test_an_lstm_grid_runs_on_stand_in_vectors(tiny_csv, tmp_path):
     row = _load("bench_grid").main([str(study), "--workers", "1", "--device", "cpu", "--data", str(tiny_csv),
                                     "--random-vectors"])
     assert row["trials"] == row["complete"] == 2
+
+
+def test_the_gpu_suite_asks_each_benchmark_only_for_what_it_takes(tmp_path):
+    listed = subprocess.run([str(BENCHMARKS / "gpu_suite.sh")], capture_output=True, text=True, check=True,
+                            env={**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path)}).stdout.splitlines()
+    parts = dict(line.split(": ", 1) for line in listed)
+    assert list(parts) == ["tests", "bert", "grid-bert", "lstm", "grid-lstm"]
+    for part, command in parts.items():
+        argv = shlex.split(command)
+        if argv[1].startswith("benchmarks/"):
+            bench = _load(Path(argv[1]).stem)
+            bench.parser().parse_args(argv[2:])  # an unknown or misspelt flag exits here
+    assert "--graphs" in parts["bert"] and "--mps" in parts["grid-bert"]
+    unknown = subprocess.run([str(BENCHMARKS / "gpu_suite.sh"), "nope"], env={**os.environ, "DRY_RUN": "1"},
+                             capture_output=True, text=True)
+    assert unknown.returncode == 2 and "unknown part: nope" in unknown.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,15 @@ def test_every_command_has_help(runner: CliRunner, name: str) -> None:
     assert result.exit_code == 0
     first_words = " ".join(command.help.split()[:4])
     assert first_words in " ".join(result.output.replace("│", " ").split())
+
+
+@pytest.mark.parametrize("name", sorted(_commands()))
+def test_no_option_help_loses_a_bracketed_word_to_markup(runner: CliRunner, name: str) -> None:
+    # The help is rendered as rich markup, where an unescaped "[train]" is a style tag and vanishes.
+    rendered = " ".join(runner.invoke(app, [name, "--help"]).output.replace("│", " ").split())
+    for param in _commands()[name].params:
+        for word in re.findall(r"\[[^\]]+\]", getattr(param, "help", None) or ""):
+            assert word in rendered, f"--help of `vadsearch {name}` lost {word} from --{param.name}"
 
 
 def test_train_help_shows_an_example(runner: CliRunner) -> None:

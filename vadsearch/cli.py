@@ -64,7 +64,7 @@ ArtifactsOpt = Annotated[
 ]
 SetOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--set", help="Override a [train] value of the study file, e.g. --set max_epochs=2 (repeatable)."),
+    typer.Option("--set", help="Override a \\[train] value of the study file, e.g. --set max_epochs=2 (repeatable)."),
 ]
 FormatOpt = Annotated[str, typer.Option("--format", "-f", help="table, markdown, csv or json.")]
 StudyArg = Annotated[str, typer.Argument(help="Study name, or the study file that defines it.")]

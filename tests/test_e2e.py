@@ -29,14 +29,17 @@ def slow_csv(tmp_path_factory) -> Path:
 
 
 def start_worker(cwd: Path, study: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "vadsearch.cli", "worker", str(study), "--device", "cpu", "-q",
-         "--heartbeat-interval", "1", "--grace-period", "2", *extra],
-        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        # Under a shell's `cmd &` SIGINT is ignored, and Python keeps an ignored SIGINT ignored: Ctrl-C
-        # would never reach the worker. A terminal's Ctrl-C is what this test stands for.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    # Under a shell's `cmd &` SIGINT is ignored, an ignored signal stays ignored in a child, and Python
+    # keeps it so: the test's Ctrl-C would never reach the worker. A handled one starts as the default.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "vadsearch.cli", "worker", str(study), "--device", "cpu", "-q",
+             "--heartbeat-interval", "1", "--grace-period", "2", *extra],
+            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def wait_for_checkpoint(cwd: Path, epoch: int, timeout: float = 120) -> Path:

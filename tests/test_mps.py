@@ -69,9 +69,8 @@ def test_a_private_daemon_serves_the_workers_and_quits_after_them(control: Path,
 
 
 def test_the_daemon_quits_when_the_workers_fail(control: Path, tmp_path: Path) -> None:
-    with pytest.raises(KeyboardInterrupt):
-        with mps_daemon((), tmp_path / "logs"):
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), mps_daemon((), tmp_path / "logs"):
+        raise KeyboardInterrupt
     assert [c["stdin"] for c in _calls(control)] == ["", "quit\n"]
     assert _calls(control)[0]["gpus"] is None  # no --gpus: every GPU
 
@@ -92,17 +91,17 @@ def test_a_daemon_that_cannot_start_is_one_line_and_leaves_nothing(
     control: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("STAND_IN_FAILS", "1")
-    with pytest.raises(ConfigError, match="cannot start the MPS daemon .*: An MPS control daemon is already running"):
-        with mps_daemon(("0",), tmp_path / "logs"):
-            pytest.fail("no worker may start without its daemon")
+    with (pytest.raises(ConfigError, match="cannot start the MPS daemon .*: An MPS control daemon is already running"),
+          mps_daemon(("0",), tmp_path / "logs")):
+        pytest.fail("no worker may start without its daemon")
     assert not Path(_calls(control)[0]["pipes"]).exists()
 
 
 def test_without_the_control_program_mps_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(ConfigError, match="--mps needs nvidia-cuda-mps-control on the PATH"):
-        with mps_daemon(("0",), tmp_path / "logs"):
-            pass
+    with (pytest.raises(ConfigError, match="--mps needs nvidia-cuda-mps-control on the PATH"),
+          mps_daemon(("0",), tmp_path / "logs")):
+        pass
 
 
 @pytest.mark.slow

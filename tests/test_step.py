@@ -111,8 +111,8 @@ def test_a_step_that_cannot_be_captured_trains_eagerly(
         torch.testing.assert_close(value, eager_weights[name], rtol=1e-5, atol=1e-6, msg=name)
     assert step.failed and not step.shapes
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert warnings == ["training without CUDA graphs: this model's step cannot be captured "
-                        "(operation not permitted when stream is capturing)"]
+    assert warnings == [("training without CUDA graphs: this model's step cannot be captured "
+                         "(operation not permitted when stream is capturing)")]
 
 
 def test_a_trainable_tensor_the_forward_never_reaches_keeps_the_step_eager(

@@ -104,7 +104,8 @@ def run_children(args, config, workers: int, compile_mode: str | None = None, ti
         if mps:
             from vadsearch.mps import mps_daemon
 
-            env.update(stack.enter_context(mps_daemon((), Path(tempfile.mkdtemp(prefix="bench-mps-")))))
+            daemon_env, _ = stack.enter_context(mps_daemon((), Path(tempfile.mkdtemp(prefix="bench-mps-"))))
+            env.update(daemon_env)
         return _collect(command, env, workers, timeout)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vadsearch.errors import ConfigError
-from vadsearch.launch import LaunchPlan, parse_gpus, threads_per_worker
+from vadsearch.launch import LaunchPlan, parse_gpus, threads_per_worker, visible_devices
 
 
 def test_workers_go_round_robin_over_the_gpus() -> None:
@@ -54,3 +54,23 @@ def test_every_worker_gets_the_launch_environment() -> None:
     plan = LaunchPlan(Path("s.toml"), workers=2, gpus=("1",), env=(("CUDA_MPS_PIPE_DIRECTORY", "/tmp/mps-x"),))
     assert [plan.environment(i)["CUDA_MPS_PIPE_DIRECTORY"] for i in range(2)] == ["/tmp/mps-x"] * 2
     assert plan.environment(1)["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+def test_behind_a_daemon_serving_exactly_their_gpus_workers_count_them_from_zero() -> None:
+    # An MPS daemon started with CUDA_VISIBLE_DEVICES=0,2 shows those GPUs to its clients as 0 and 1.
+    plan = LaunchPlan(Path("s.toml"), workers=4, gpus=("0", "2"), renumbered=True)
+    assert [plan.environment(i)["CUDA_VISIBLE_DEVICES"] for i in range(4)] == ["0", "1", "0", "1"]
+
+
+def test_gpu_indices_count_the_gpus_this_process_was_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_devices(("0", "3")) == ("0", "3")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")  # as a scheduler sets it for a job given two GPUs
+    assert visible_devices(("0", "1")) == ("2", "3")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5f1c,GPU-77ab")
+    assert visible_devices(("1",)) == ("GPU-77ab",)
+    with pytest.raises(ConfigError, match=r"--gpus 2: this process sees 2 GPU\(s\)"):
+        visible_devices(("0", "2"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(ConfigError, match="sees 0 GPU"):
+        visible_devices(("0",))

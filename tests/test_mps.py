@@ -55,10 +55,11 @@ def _calls(path: Path) -> list[dict]:
 
 
 def test_a_private_daemon_serves_the_workers_and_quits_after_them(control: Path, tmp_path: Path) -> None:
-    with mps_daemon(("0", "2"), tmp_path / "logs") as env:
+    with mps_daemon(("0", "2"), tmp_path / "logs") as (env, renumbered):
         started = _calls(control)
         assert [c["args"] for c in started] == [["-d"]]
-        assert started[0]["gpus"] == "0,2"  # the daemon serves the launch's GPUs only
+        assert started[0]["gpus"] == "0,2"  # the daemon serves the launch's GPUs only...
+        assert renumbered  # ...and shows them to the workers as 0 and 1
         assert env == {"CUDA_MPS_PIPE_DIRECTORY": started[0]["pipes"], "CUDA_MPS_LOG_DIRECTORY": started[0]["logs"]}
         assert Path(env["CUDA_MPS_PIPE_DIRECTORY"]).is_dir()
         assert env["CUDA_MPS_LOG_DIRECTORY"] == str(tmp_path / "logs" / "mps")  # kept beside the workers' logs
@@ -82,8 +83,8 @@ def test_a_running_daemon_is_used_and_left_running(
     pipes.mkdir()
     (pipes / "control").touch()
     monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(pipes))
-    with mps_daemon(("0",), tmp_path / "logs") as env:
-        assert env == {"CUDA_MPS_PIPE_DIRECTORY": str(pipes)}
+    with mps_daemon(("0",), tmp_path / "logs") as (env, renumbered):
+        assert env == {"CUDA_MPS_PIPE_DIRECTORY": str(pipes)} and not renumbered
     assert _calls(control) == []
 
 
@@ -135,3 +136,20 @@ def test_the_benchmark_runs_its_mps_rows_inside_a_daemon(control: Path, real_dat
     row = bench.concurrent(args, config, 2, reference_s=1.0, mps=True)
     assert row["finished"] == 2 and row["epochs_per_min"] > 0
     assert [c["stdin"] for c in _calls(control)] == ["", "quit\n"]
+
+
+def test_launch_with_mps_on_some_gpus_gives_the_workers_the_daemons_numbers(
+    control: Path, tmp_path: Path, tiny_csv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vadsearch import launch
+
+    plans = []
+    monkeypatch.setattr(launch, "start", lambda plan: plans.append(plan) or [])  # no worker processes
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    study = write_study(tmp_path / "s.toml", name="mps-gpus", data=tiny_csv, search="hidden_size = [4]")
+    CliRunner().invoke(app, ["launch", str(study), "--gpus", "0,2", "--workers-per-gpu", "2", "--mps",
+                             "--storage", f"sqlite:///{tmp_path / 'g.db'}", "--log-dir", str(tmp_path / "logs")])
+    (plan,) = plans
+    assert _calls(control)[0]["gpus"] == "0,2"
+    assert [plan.environment(i)["CUDA_VISIBLE_DEVICES"] for i in range(plan.workers)] == ["0", "1", "0", "1"]
+    assert all(plan.environment(i)["CUDA_MPS_PIPE_DIRECTORY"] == _calls(control)[0]["pipes"] for i in range(4))

@@ -279,7 +279,9 @@ def worker(
 def launch(
     study_file: Annotated[Path, typer.Argument(help="A study file, e.g. studies/lstm.toml.")],
     workers: Annotated[int, typer.Option(help="Worker processes to start on this machine.")] = 2,
-    gpus: Annotated[Optional[str], typer.Option(help="GPU indices to spread the workers over, e.g. 0,1.")] = None,
+    gpus: Annotated[Optional[str], typer.Option(
+        help="GPU indices to spread the workers over, e.g. 0,1; counted among the GPUs this process sees "
+             "(CUDA_VISIBLE_DEVICES), as CUDA counts them.")] = None,
     workers_per_gpu: Annotated[
         Optional[int], typer.Option(help="With --gpus: this many workers on each GPU (overrides --workers).")
     ] = None,
@@ -319,12 +321,12 @@ def launch(
     args += ["--keep", keep]
     for item in sets or []:
         args += ["--set", item]
-    gpu_list = launcher.parse_gpus(gpus)
+    gpu_list = launcher.visible_devices(launcher.parse_gpus(gpus))
     if workers_per_gpu is not None:
         workers = workers_per_gpu * max(1, len(gpu_list))  # one small trial does not fill a large GPU
-    with mps_daemon(gpu_list, log_dir) if mps else contextlib.nullcontext({}) as mps_env:
+    with mps_daemon(gpu_list, log_dir) if mps else contextlib.nullcontext(({}, False)) as (mps_env, renumbered):
         plan = launcher.LaunchPlan(study_file, workers, gpu_list, tuple(args), log_dir, storage=url,
-                                   env=tuple(mps_env.items()))
+                                   env=tuple(mps_env.items()), renumbered=renumbered)
         processes = launcher.start(plan)
         typer.echo(f"started {workers} worker(s) on {spec.name}; logs in {log_dir}/")
         try:

@@ -30,6 +30,7 @@ class LaunchPlan:
     log_dir: Path = Path("vadsearch-logs")
     storage: str | None = None  # passed in the environment: a command line is readable by every local user
     env: tuple[tuple[str, str], ...] = ()  # more environment for every worker (an MPS daemon's pipes)
+    renumbered: bool = False  # the workers see `gpus` as 0..n-1: an MPS daemon serving exactly those
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -46,7 +47,8 @@ class LaunchPlan:
         if self.storage:
             env["VADSEARCH_STORAGE"] = self.storage
         if self.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = self.gpus[index % len(self.gpus)]  # round-robin over the GPUs
+            slot = index % len(self.gpus)  # round-robin over the GPUs
+            env["CUDA_VISIBLE_DEVICES"] = str(slot) if self.renumbered else self.gpus[slot]
         return env
 
 
@@ -61,6 +63,23 @@ def parse_gpus(text: str | None) -> tuple[str, ...]:
     if not all(g.isdigit() for g in gpus):
         raise ConfigError(f"--gpus takes GPU indices separated by commas, like 0,1,2; got {text!r}")
     return gpus
+
+
+def visible_devices(gpus: tuple[str, ...]) -> tuple[str, ...]:
+    """`--gpus` indices as CUDA_VISIBLE_DEVICES entries for the workers.
+
+    The indices count the GPUs this process sees, as CUDA's do: under a scheduler that set
+    CUDA_VISIBLE_DEVICES=2,3, GPU 0 is the machine's GPU 2.
+    """
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if inherited is None or not gpus:
+        return gpus
+    seen = [d.strip() for d in inherited.split(",") if d.strip()]
+    beyond = [g for g in gpus if int(g) >= len(seen)]
+    if beyond:
+        raise ConfigError(f"--gpus {','.join(beyond)}: this process sees {len(seen)} GPU(s) "
+                          f"(CUDA_VISIBLE_DEVICES={inherited!r}), numbered from 0")
+    return tuple(seen[int(g)] for g in gpus)
 
 
 def start(plan: LaunchPlan) -> list[subprocess.Popen]:

@@ -37,10 +37,12 @@ def running_daemon() -> str | None:
 
 
 @contextmanager
-def mps_daemon(gpus: tuple[str, ...], log_dir: Path) -> Iterator[dict[str, str]]:
-    """The environment that connects a worker to an MPS daemon for `gpus` (all GPUs when empty).
+def mps_daemon(gpus: tuple[str, ...], log_dir: Path) -> Iterator[tuple[dict[str, str], bool]]:
+    """(the environment that connects a worker to an MPS daemon for `gpus`, whether it renumbers them).
 
-    Starts a private daemon unless one is running, and quits it on the way out.
+    Starts a private daemon for `gpus` (CUDA_VISIBLE_DEVICES entries; all GPUs when empty) unless one
+    is running, and quits it on the way out. A daemon started for some GPUs shows them to its clients
+    as 0..n-1, so a worker then asks for GPU 1, not for the second of `gpus` by its own number.
     """
     control = shutil.which(CONTROL)
     if control is None:
@@ -49,7 +51,7 @@ def mps_daemon(gpus: tuple[str, ...], log_dir: Path) -> Iterator[dict[str, str]]
     existing = running_daemon()
     if existing:
         log.info("MPS: using the daemon already running at %s", existing)
-        yield {"CUDA_MPS_PIPE_DIRECTORY": existing}
+        yield {"CUDA_MPS_PIPE_DIRECTORY": existing}, False
         return
     pipes = Path(tempfile.mkdtemp(prefix="vadsearch-mps-"))  # short: the pipes are Unix sockets
     logs = log_dir / "mps"
@@ -65,7 +67,7 @@ def mps_daemon(gpus: tuple[str, ...], log_dir: Path) -> Iterator[dict[str, str]]
         raise
     log.info("MPS: started a daemon for GPUs %s; its log is in %s", ",".join(gpus) or "all", logs)
     try:
-        yield env
+        yield env, bool(gpus)
     finally:
         try:
             _control(control, daemon_env, [], "the MPS daemon did not quit", stdin="quit\n")

@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows: dict[str, dict[str, float]] = {}
     try:
         if not args.compile_only:
-            measure(args, corpus, device, bert, lstm, workers, lstm_workers, rows)
+            with cuda_graphs(False):  # the plain rows: graphs get rows of their own
+                measure(args, corpus, device, bert, lstm, workers, lstm_workers, rows)
         if args.compile or args.compile_only:
             (eager,) = run_children(args, bert.replace(max_epochs=2), 1)
             for mode in args.compile_modes.split(","):
@@ -235,7 +236,7 @@ def measure(args, corpus, device, bert, lstm, workers: int, lstm_workers: int, r
         if device.type != "cuda":
             print("bert graphs: no figure, CUDA graphs need a CUDA device", file=sys.stderr)
             return
-        with cuda_graphs():
+        with cuda_graphs(True):
             measure_fast(args, corpus, "bert graphs", bert, workers, references["bert"], rows)
             together = rows.get(f"bert graphs x{workers}")
             if together:
@@ -285,12 +286,13 @@ def step_warnings():
 
 
 @contextlib.contextmanager
-def cuda_graphs():
-    """The training step replayed from CUDA graphs, here and in the worker processes started meanwhile."""
+def cuda_graphs(on: bool):
+    """The training step replayed from CUDA graphs or not, here and in the worker processes started
+    meanwhile, whatever VADSEARCH_CUDA_GRAPHS the benchmark itself was started with."""
     from vadsearch.step import GRAPHS_ENV
 
     before = os.environ.get(GRAPHS_ENV)
-    os.environ[GRAPHS_ENV] = "1"
+    os.environ[GRAPHS_ENV] = "1" if on else "0"
     try:
         yield
     finally:

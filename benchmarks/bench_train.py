@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -285,21 +286,12 @@ def step_warnings():
         logger.removeHandler(handler)
 
 
-@contextlib.contextmanager
 def cuda_graphs(on: bool):
     """The training step replayed from CUDA graphs or not, here and in the worker processes started
     meanwhile, whatever VADSEARCH_CUDA_GRAPHS the benchmark itself was started with."""
     from vadsearch.step import GRAPHS_ENV
 
-    before = os.environ.get(GRAPHS_ENV)
-    os.environ[GRAPHS_ENV] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[GRAPHS_ENV]
-        else:
-            os.environ[GRAPHS_ENV] = before
+    return mock.patch.dict(os.environ, {GRAPHS_ENV: "1" if on else "0"})
 
 
 def _emit(rows: dict, args) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,6 @@ def control(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = tmp_path / "bin"
     folder.mkdir()
     calls = tmp_path / "calls.jsonl"
-    import sys
-
     script = folder / mps.CONTROL
     script.write_text(STAND_IN.format(python=sys.executable, calls=str(calls)))
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
@@ -122,7 +121,6 @@ def test_launch_with_mps_runs_its_workers_inside_the_daemon(control: Path, tmp_p
 def test_the_benchmark_runs_its_mps_rows_inside_a_daemon(control: Path, real_data_path: Path) -> None:
     import argparse
     import importlib.util
-    import sys
 
     benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
     sys.path.insert(0, str(benchmarks))

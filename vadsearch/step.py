@@ -55,11 +55,8 @@ def loss_and_backward(model: nn.Module, ids, lengths, targets, device: torch.dev
 
 
 def eager_step(model: nn.Module, device: torch.device) -> Step:
-    params = [p for p in model.parameters() if p.requires_grad]
-
     def step(ids, lengths, targets):
-        for p in params:
-            p.grad = None
+        model.zero_grad(set_to_none=True)
         return loss_and_backward(model, ids, lengths, targets, device)
 
     return step
@@ -154,8 +151,7 @@ class GraphedStep:
 
     def _allocate_grads(self, shape: _Shape) -> None:
         """One eager warm-up with no gradients yet: the backward allocates exactly the ones it writes."""
-        for p in self.params:
-            p.grad = None
+        self.model.zero_grad(set_to_none=True)
         self._body(shape)
         missing = [p for p in self.params if p.grad is None]
         if missing:
@@ -166,8 +162,7 @@ class GraphedStep:
     def _give_up(self, reason: str) -> None:
         log.warning("training without CUDA graphs: this model's step cannot be captured (%s)", reason)
         self.failed, self.shapes, self.grads = True, {}, []
-        for p in self.params:
-            p.grad = None
+        self.model.zero_grad(set_to_none=True)
 
 
 def make_step(model: nn.Module, device: torch.device) -> Step:

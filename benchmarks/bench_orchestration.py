@@ -43,9 +43,9 @@ def plain_optuna(storage_url: str, points: int) -> float:
 
 def through_vadsearch(storage_url: str, points: int, data: Path, workdir: Path) -> tuple[float, float]:
     """(trials per second of the worker's trial loop, seconds it took to start: connect, join, reconcile)."""
-    from vadsearch import train as training
+    from vadsearch import results
+    from vadsearch.results import RunResult, constant_baseline
     from vadsearch.studyfile import load_study_file
-    from vadsearch.train import RunResult
     from vadsearch.worker import Worker, WorkerOptions
 
     name = f"orch-{uuid.uuid4().hex[:8]}"
@@ -58,7 +58,7 @@ def through_vadsearch(storage_url: str, points: int, data: Path, workdir: Path) 
 
     def does_nothing(config, corpus, **kwargs):  # the training function under test does no work
         if "dev" not in corpus_scores:
-            corpus_scores.update(dev=training._baseline(config, corpus).dev)
+            corpus_scores.update(dev=constant_baseline(config, corpus).dev)
         return RunResult(config, best_epoch=0, dev=corpus_scores["dev"], test=None)
 
     options = WorkerOptions(storage=storage_url, artifacts=workdir / "art", device="cpu", progress=False)
@@ -80,7 +80,8 @@ def through_vadsearch(storage_url: str, points: int, data: Path, workdir: Path) 
         finally:
             loop["seconds"] = time.perf_counter() - loop["started"]
 
-    with (mock.patch.object(training, "train", does_nothing), mock.patch.object(worker, "preflight"),
+    # A baseline study's worker calls `constant_baseline` in place of `train`: that is the function replaced.
+    with (mock.patch.object(results, "constant_baseline", does_nothing), mock.patch.object(worker, "preflight"),
           mock.patch.object(Worker, "_loop", timed_loop)):
         started = time.perf_counter()
         summary = worker.run()

@@ -319,7 +319,7 @@ def test_disk_full_is_a_checkpoint_error(tmp_path: Path, monkeypatch: pytest.Mon
     run = RunDirectory(tmp_path)
     _run(run, [True])
     module, name = where.split(".")
-    monkeypatch.setattr(getattr(checkpoint, module), name, _disk_full)
+    monkeypatch.setattr({"torch": torch, "os": os}[module], name, _disk_full)
     with pytest.raises(CheckpointError) as info:
         run.save(_state(2, 2), _weights(2), 1)
     monkeypatch.undo()

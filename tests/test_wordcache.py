@@ -77,8 +77,9 @@ def test_a_machine_without_spacy_uses_tokens_cached_elsewhere(cache, tiny_corpus
     _same(encode_words(tiny_corpus, lowercase=True), first)
 
 
-@pytest.mark.parametrize("damage", [b"", b"\x1f\x8b\x08garbage", gzip.compress(b"{not json"),
-                                    gzip.compress(b'{"format": 1, "splits": {"train": []}}')])
+@pytest.mark.parametrize("damage", [b"", b"\x1f\x8b\x08garbage", gzip.compress(b"{not json", mtime=0),
+                                    gzip.compress(b'{"format": 1, "splits": {"train": []}}', mtime=0)],
+                         ids=["empty", "truncated gzip", "not json", "old format"])
 def test_a_damaged_cache_file_is_rebuilt(cache, tiny_corpus: Corpus, monkeypatch, damage: bytes) -> None:
     first = encode_words(tiny_corpus, lowercase=True)
     path = wordcache.cache_path(tiny_corpus, True)

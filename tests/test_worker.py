@@ -262,3 +262,26 @@ def test_external_vectors_from_a_file(setup, tmp_path):
     assert len(points_finished(study)) == 2
     external = [t for t in study.trials if t.params["embedding"] == "external"][0]
     assert external.user_attrs["config"]["vectors"] == str(vectors)
+
+
+def test_a_baseline_study_runs_without_loading_torch(tmp_path, tiny_csv):
+    """A worker with nothing to train skips torch's seconds of import: many such workers start at once
+    (the constant baseline of every comparison), and none of them needs a device."""
+    import subprocess
+    import sys
+
+    study = write_study(tmp_path / "b.toml", name="b", data=tiny_csv, search="seed = [0, 1]", model="baseline")
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from vadsearch.studyfile import load_study_file\n"
+        "from vadsearch.worker import Worker, WorkerOptions\n"
+        "options = WorkerOptions(storage=sys.argv[2], artifacts=Path(sys.argv[3]), device='cpu', progress=False)\n"
+        "summary = Worker(load_study_file(Path(sys.argv[1])), options).run()\n"
+        "print(summary.states['COMPLETE'], 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(study), f"sqlite:///{tmp_path}/b.db", str(tmp_path / "a")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2", "False"]
+    scores = {t.user_attrs["dev"]["mse"] for t in optuna.load_study(study_name="b", storage=f"sqlite:///{tmp_path}/b.db").trials}
+    assert len(scores) == 1 and scores.pop() > 0  # both seeds score the same constant, really scored

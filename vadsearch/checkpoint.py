@@ -16,11 +16,14 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from vadsearch.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    import torch
+# torch is imported where a checkpoint is read or written: `run_directory` and retention are used by
+# workers that train nothing (the constant baseline), which then start without loading torch.
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,8 @@ def run_directory(root: str | Path, study_name: str, fingerprint: str) -> Path:
 
 def atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    import torch
+
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -71,6 +76,8 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 def _safe_load(path: Path) -> Any:
     # weights_only: a checkpoint file holds tensors and plain values and can never run code.
+    import torch
+
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -236,6 +243,8 @@ class BackgroundWriter:
 
 def host_copy(obj: Any) -> Any:
     """`obj` with every tensor copied to the CPU: a snapshot that later training steps cannot change."""
+    import torch
+
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):

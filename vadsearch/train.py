@@ -24,61 +24,14 @@ from vadsearch.config import TrainConfig
 from vadsearch.data import Corpus
 from vadsearch.encoding import EncodedCorpus, EncodedSplit, encode_corpus
 from vadsearch.errors import ConfigError, TrainingError
-from vadsearch.metrics import Scores, score, train_means
+from vadsearch.metrics import score, train_means
+from vadsearch.results import EpochCallback, EpochResult, RunResult, constant_baseline
 from vadsearch.seeding import capture_rng, restore_rng, seed_everything
 from vadsearch.step import Step, autocast, make_step
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class EpochResult:
-    epoch: int  # 1-based
-    train_loss: float
-    dev: Scores
-    seconds: float
-    best: bool  # a new best dev score at this epoch
-    restored: bool = False  # read back from a checkpoint rather than trained by this call
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "train_loss": self.train_loss, "dev": self.dev.as_dict(),
-                "seconds": self.seconds, "best": self.best}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EpochResult:
-        return cls(d["epoch"], d["train_loss"], Scores.from_dict(d["dev"]), d["seconds"], d["best"])
-
-
-@dataclass(frozen=True)
-class RunResult:
-    config: TrainConfig
-    best_epoch: int  # 0 for the untrained baseline
-    dev: Scores
-    test: Scores | None  # None when the corpus has no test split
-    history: tuple[EpochResult, ...] = ()
-    resumed_from: int = 0  # epochs found finished in the checkpoint when this call started
-    stopped_early: bool = False
-    trainable_params: int = 0
-    total_params: int = 0
-    trainable_names: tuple[str, ...] = field(default=(), repr=False)
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "config": self.config.relevant(),
-            "best_epoch": self.best_epoch,
-            "dev": self.dev.as_dict(),
-            "test": self.test.as_dict() if self.test else None,
-            "history": [h.as_dict() for h in self.history],
-            "resumed_from": self.resumed_from,
-            "stopped_early": self.stopped_early,
-            "trainable_params": self.trainable_params,
-            "total_params": self.total_params,
-            "seconds": self.seconds,
-        }
-
-
-EpochCallback = Callable[[EpochResult], None]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -164,15 +117,6 @@ def _bar(items, enabled: bool, desc: str):
 
 def _patience_exhausted(history: list[EpochResult], best_epoch: int, patience: int) -> bool:
     return patience > 0 and len(history) - best_epoch >= patience
-
-
-def _baseline(config: TrainConfig, corpus: Corpus) -> RunResult:
-    value = train_means(corpus) if config.baseline == "mean" else np.full(3, 3.0)
-
-    def evaluate(split):
-        return score(np.broadcast_to(value, split.targets.shape), split.targets) if len(split) else None
-
-    return RunResult(config, best_epoch=0, dev=evaluate(corpus.dev), test=evaluate(corpus.test))
 
 
 @dataclass
@@ -277,7 +221,7 @@ def train(
     """
     started = time.perf_counter()
     if config.model == "baseline":
-        return _baseline(config, corpus)
+        return constant_baseline(config, corpus)
     dev_device = resolve_device(device)
     if dev_device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 where fp32 remains

@@ -245,17 +245,19 @@ class Worker:
     # --- before the first trial: everything that could fail for every trial fails here, once -----
     def preflight(self) -> None:
         from vadsearch.data import load_emobank
-        from vadsearch.train import resolve_device
 
-        resolve_device(self.options.device)
+        configs = [self.spec.config_for(p) for p in self.spec.grid()] if self.spec.sampler == "grid" else []
+        configs.append(self.spec.base)
+        choices = {p.name: p.choices for p in self.spec.space if p.choices}
+        if {c.model for c in configs} | set(choices.get("model", ())) != {"baseline"}:
+            from vadsearch.train import resolve_device  # loads torch: a baseline-only study never needs it
+
+            resolve_device(self.options.device)
         corpus = load_emobank(self.options.data or self.spec.data_path)
         if self.spec.data_subset:
             corpus = corpus.subset(*self.spec.data_subset, seed=self.spec.seed)
         self._corpus = corpus
         self._check_artifacts()  # after the input checks: bad input leaves nothing behind
-        configs = [self.spec.config_for(p) for p in self.spec.grid()] if self.spec.sampler == "grid" else []
-        configs.append(self.spec.base)
-        choices = {p.name: p.choices for p in self.spec.space if p.choices}
         if any(c.model == "lstm" and c.embedding == "external" for c in configs) or "external" in choices.get(
             "embedding", ()
         ):
@@ -404,7 +406,6 @@ class Worker:
         import optuna
 
         from vadsearch.reconnect import DatabaseUnreachable
-        from vadsearch.train import train
 
         params = self.spec.suggest(trial)
         config = self.spec.config_for(params)
@@ -433,8 +434,15 @@ class Worker:
                 raise optuna.TrialPruned(f"pruned after epoch {epoch.epoch} (dev {epoch.dev.mse:.4f})")
 
         try:
-            result = train(config, self._corpus, run_dir=run_dir, device=self.options.device,
-                           on_epoch=on_epoch, progress=self.options.progress)
+            if config.model == "baseline":
+                from vadsearch.results import constant_baseline
+
+                result = constant_baseline(config, self._corpus)
+            else:
+                from vadsearch.train import train
+
+                result = train(config, self._corpus, run_dir=run_dir, device=self.options.device,
+                               on_epoch=on_epoch, progress=self.options.progress)
             self._record_result(trial, result)
         except optuna.TrialPruned:
             self._outcome.state = "PRUNED"

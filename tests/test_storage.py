@@ -244,16 +244,18 @@ def test_a_transaction_abandoned_mid_way_releases_its_locks_on_postgres(postgres
     trial_id = study.ask()._trial_id
     lock = text("SELECT 1 FROM trials WHERE trial_id = :t FOR UPDATE")
     try:
-        abandoned = cut.engine.connect()  # locks the trial's row, then goes silent
-        assert abandoned.execute(text("SHOW idle_in_transaction_session_timeout")).scalar() == "1s"
-        abandoned.execute(lock, {"t": trial_id})
+        # The waiter connects first: on a loaded machine, connecting can outlast the 1 s timeout, and the
+        # wait is timed from the moment the lock is taken, when the server's idle clock starts.
         with open_storage(POSTGRES_URL).engine.connect() as other:
             other.execute(text("SET lock_timeout = '20s'"))
-            started = time.monotonic()
+            abandoned = cut.engine.connect()  # locks the trial's row, then goes silent
+            assert abandoned.execute(text("SHOW idle_in_transaction_session_timeout")).scalar() == "1s"
+            abandoned.execute(lock, {"t": trial_id})
+            locked_at = time.monotonic()
             other.execute(lock, {"t": trial_id})
-            waited = time.monotonic() - started
+            held = time.monotonic() - locked_at
             other.rollback()
-        assert 0.5 < waited < 10, waited
+        assert 0.5 < held < 10, held
         # The abandoned session's next use fails as a lost connection, which a worker waits out and retries.
         with pytest.raises(DBAPIError) as lost:
             abandoned.execute(text("SELECT 1"))

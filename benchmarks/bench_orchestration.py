@@ -43,7 +43,7 @@ def plain_optuna(storage_url: str, points: int) -> float:
 
 def through_vadsearch(storage_url: str, points: int, data: Path, workdir: Path) -> tuple[float, float]:
     """(trials per second of the worker's trial loop, seconds it took to start: connect, join, reconcile)."""
-    from vadsearch import results
+    from vadsearch import worker as worker_module
     from vadsearch.results import RunResult, constant_baseline
     from vadsearch.studyfile import load_study_file
     from vadsearch.worker import Worker, WorkerOptions
@@ -80,8 +80,8 @@ def through_vadsearch(storage_url: str, points: int, data: Path, workdir: Path) 
         finally:
             loop["seconds"] = time.perf_counter() - loop["started"]
 
-    # A baseline study's worker calls `constant_baseline` in place of `train`: that is the function replaced.
-    with (mock.patch.object(results, "constant_baseline", does_nothing), mock.patch.object(worker, "preflight"),
+    # The worker fits each trial's configuration through `fit`: that is the function replaced.
+    with (mock.patch.object(worker_module, "fit", does_nothing), mock.patch.object(worker, "preflight"),
           mock.patch.object(Worker, "_loop", timed_loop)):
         started = time.perf_counter()
         summary = worker.run()

@@ -20,6 +20,7 @@ from vadsearch.encoding import encode_corpus
 from vadsearch.checkpoint import BackgroundWriter, RunDirectory
 from vadsearch.errors import CheckpointError, ConfigError, TrainingError
 from vadsearch.metrics import constant_baseline, mean_baseline
+from vadsearch.fit import fit
 from vadsearch.train import EpochResult, RunResult, resolve_device, train
 
 TINY_LSTM = TrainConfig(
@@ -30,7 +31,7 @@ STEPS_PER_EPOCH = 8  # 60 training rows in batches of 8
 
 
 def _run(config: TrainConfig, corpus: Corpus, run_dir: Path | None = None, **kwargs) -> RunResult:
-    return train(config, corpus, run_dir=run_dir, device="cpu", **kwargs)
+    return fit(config, corpus, run_dir=run_dir, device="cpu", **kwargs)
 
 
 def _epochs(result: RunResult) -> list[tuple[int, float, float]]:
@@ -410,6 +411,11 @@ def test_baseline_scores_without_training(tiny_corpus: Corpus, monkeypatch, kind
 def test_constant_baseline_on_real_data(real_corpus: Corpus) -> None:
     result = _run(TrainConfig(model="baseline"), real_corpus)
     assert round(result.dev.mse, 4) == 0.0751 and round(result.test.mse, 4) == 0.0765
+
+
+def test_train_refuses_the_baseline_it_cannot_train(tiny_corpus: Corpus) -> None:
+    with pytest.raises(ValueError, match="vadsearch.fit.fit"):
+        train(TrainConfig(model="baseline"), tiny_corpus, device="cpu")
 
 
 # --------------------------------------------------------------------------------------------- BERT

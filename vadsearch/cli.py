@@ -156,7 +156,7 @@ def train(
     _setup_logging(quiet or as_json)
     from vadsearch.config import TrainConfig
     from vadsearch.data import load_emobank
-    from vadsearch.train import train as run
+    from vadsearch.fit import fit as run
 
     options = {k: v for k, v in locals().items() if k in TrainConfig.__dataclass_fields__ and v is not None}
     config = TrainConfig.from_dict(options)

@@ -1,7 +1,6 @@
 """What a run returns, and the one run that trains nothing (the constant baseline).
 
-Kept apart from train.py so that a worker whose study only holds baselines never loads torch: it starts
-in a fraction of a second instead of several.
+Kept apart from train.py so that `fit` can score a baseline without loading torch.
 """
 
 from __future__ import annotations

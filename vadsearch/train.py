@@ -25,7 +25,7 @@ from vadsearch.data import Corpus
 from vadsearch.encoding import EncodedCorpus, EncodedSplit, encode_corpus
 from vadsearch.errors import ConfigError, TrainingError
 from vadsearch.metrics import score, train_means
-from vadsearch.results import EpochCallback, EpochResult, RunResult, constant_baseline
+from vadsearch.results import EpochCallback, EpochResult, RunResult
 from vadsearch.seeding import capture_rng, restore_rng, seed_everything
 from vadsearch.step import Step, autocast, make_step
 
@@ -219,9 +219,9 @@ def train(
     lost. Epochs restored from a checkpoint are passed to it first (with `restored=True`), so a caller
     that records per-epoch values loses none.
     """
-    started = time.perf_counter()
     if config.model == "baseline":
-        return constant_baseline(config, corpus)
+        raise ValueError("the constant baseline trains nothing: fit it with vadsearch.fit.fit")
+    started = time.perf_counter()
     dev_device = resolve_device(device)
     if dev_device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 where fp32 remains

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vadsearch.errors import CheckpointError, StudyFileError
+from vadsearch.fit import fit
 from vadsearch.storage import (
     mask,
     open_storage,
@@ -434,15 +435,8 @@ class Worker:
                 raise optuna.TrialPruned(f"pruned after epoch {epoch.epoch} (dev {epoch.dev.mse:.4f})")
 
         try:
-            if config.model == "baseline":
-                from vadsearch.results import constant_baseline
-
-                result = constant_baseline(config, self._corpus)
-            else:
-                from vadsearch.train import train
-
-                result = train(config, self._corpus, run_dir=run_dir, device=self.options.device,
-                               on_epoch=on_epoch, progress=self.options.progress)
+            result = fit(config, self._corpus, run_dir=run_dir, device=self.options.device,
+                         on_epoch=on_epoch, progress=self.options.progress)
             self._record_result(trial, result)
         except optuna.TrialPruned:
             self._outcome.state = "PRUNED"

@@ -245,15 +245,18 @@ def host_copy(obj: Any) -> Any:
     """`obj` with every tensor copied to the CPU: a snapshot that later training steps cannot change."""
     import torch
 
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: host_copy(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [host_copy(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(host_copy(v) for v in obj)
-    return obj
+    def copy(obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return obj.detach().to("cpu", copy=True)
+        if isinstance(obj, dict):
+            return {k: copy(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [copy(v) for v in obj]
+        if isinstance(obj, tuple):
+            return tuple(copy(v) for v in obj)
+        return obj
+
+    return copy(obj)
 
 
 def _mismatch(state: Any, fingerprint: str, data_sha256: str) -> str | None:

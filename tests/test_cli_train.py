@@ -171,6 +171,7 @@ def test_lstm_json(runner: CliRunner, tiny_csv: Path) -> None:
         (["--max-epochs", "0"], "max_epochs must be at least 1"),
         (["--trainable-layers", "top-3", "--model", "bert"], "trainable_layers"),
         (["--embedding", "external"], "vectors"),
+        (["--model", "baseline", "--device", "gpu0"], "unknown device"),
     ],
 )
 def test_bad_option_is_one_error_line(runner: CliRunner, tiny_csv: Path, args: list[str], message: str) -> None:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from vadsearch.config import TrainConfig
+from vadsearch.config import TrainConfig, check_device
 from vadsearch.errors import ConfigError, VadsearchError
 
 # ------------------------------------------------------------------------------------------ validation
@@ -252,3 +252,14 @@ def test_max_epochs_ignored_under_constant_schedule_only() -> None:
     # A linear schedule decays to 0 at max_epochs: a different budget is a different run.
     linear = TrainConfig(schedule="linear", max_epochs=2)
     assert linear.replace(max_epochs=9).fingerprint() != linear.fingerprint()
+
+
+@pytest.mark.parametrize("name", ["auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps"])
+def test_device_names_that_can_train(name: str) -> None:
+    assert check_device(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "gpu", "cuda:", "cuda:x", "CPU", "cuda:0,1", " cpu"])
+def test_device_names_rejected_without_torch(name: str) -> None:
+    with pytest.raises(ConfigError, match="unknown device"):
+        check_device(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -251,6 +252,16 @@ def test_missing_word_vectors_stop_the_worker_before_any_trial(setup, monkeypatc
     with pytest.raises(ConfigError, match="glove.6B.300d unavailable.*--vectors PATH"):
         Worker(spec, options).run()
     assert not (tmp_path / "s.db").exists()  # said before the first trial, not 36 failures later
+
+
+def test_a_baseline_study_still_rejects_a_mistyped_device_before_any_trial(setup, tmp_path):
+    from vadsearch.errors import ConfigError
+
+    spec, options = setup("seed = [0, 1]", model="baseline")
+    with pytest.raises(ConfigError, match="unknown device 'gpu0'"):
+        Worker(spec, dataclasses.replace(options, device="gpu0")).run()
+    assert not (tmp_path / "s.db").exists()
+    assert Worker(spec, dataclasses.replace(options, device="cuda:3")).run().stopped == "finished"  # unused
 
 
 def test_external_vectors_from_a_file(setup, tmp_path):

@@ -22,6 +22,7 @@ SCHEDULES = ("constant", "linear")
 EMBEDDINGS = ("internal", "external")
 BASELINES = ("constant", "mean")
 _LAYER_WINDOW = re.compile(r"^(all|none|(first|middle|last)-[1-9]\d*|\d+:\d+)$")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,14 @@ class TrainConfig:
 _BERT_ONLY = {"model_name", "max_length", "trainable_layers", "train_embeddings"}
 _LSTM_ONLY = {"hidden_size", "layers", "bidirectional", "embedding", "embedding_dim", "vectors",
               "freeze_embeddings", "lowercase", "min_freq"}
+
+
+def check_device(name: str) -> str:
+    """`name` if it can name a training device; checked without loading torch, so that a baseline,
+    which needs no device, still rejects a mistyped one."""
+    if not _DEVICE.match(name):
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
+    return name
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from vadsearch.batching import collate, eval_batches, train_batches
 from vadsearch.checkpoint import BackgroundWriter, RunDirectory
-from vadsearch.config import TrainConfig
+from vadsearch.config import TrainConfig, check_device
 from vadsearch.data import Corpus
 from vadsearch.encoding import EncodedCorpus, EncodedSplit, encode_corpus
 from vadsearch.errors import ConfigError, TrainingError
@@ -35,12 +35,9 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
+    if check_device(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name} asked for, but this machine has no CUDA GPU: use --device cpu")
     return device

@@ -245,6 +245,7 @@ class Worker:
 
     # --- before the first trial: everything that could fail for every trial fails here, once -----
     def preflight(self) -> None:
+        from vadsearch.config import check_device
         from vadsearch.data import load_emobank
 
         configs = [self.spec.config_for(p) for p in self.spec.grid()] if self.spec.sampler == "grid" else []
@@ -254,6 +255,8 @@ class Worker:
             from vadsearch.train import resolve_device  # loads torch: a baseline-only study never needs it
 
             resolve_device(self.options.device)
+        else:
+            check_device(self.options.device)  # a baseline needs no device, but a typo is still one
         corpus = load_emobank(self.options.data or self.spec.data_path)
         if self.spec.data_subset:
             corpus = corpus.subset(*self.spec.data_subset, seed=self.spec.seed)

@@ -251,12 +251,11 @@ class Worker:
         configs = [self.spec.config_for(p) for p in self.spec.grid()] if self.spec.sampler == "grid" else []
         configs.append(self.spec.base)
         choices = {p.name: p.choices for p in self.spec.space if p.choices}
+        check_device(self.options.device)  # by name, without torch: a baseline-only study needs no device
         if {c.model for c in configs} | set(choices.get("model", ())) != {"baseline"}:
-            from vadsearch.train import resolve_device  # loads torch: a baseline-only study never needs it
+            from vadsearch.train import resolve_device  # loads torch
 
-            resolve_device(self.options.device)
-        else:
-            check_device(self.options.device)  # a baseline needs no device, but a typo is still one
+            resolve_device(self.options.device)  # and the device exists
         corpus = load_emobank(self.options.data or self.spec.data_path)
         if self.spec.data_subset:
             corpus = corpus.subset(*self.spec.data_subset, seed=self.spec.seed)

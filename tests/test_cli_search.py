@@ -90,6 +90,14 @@ def test_bad_study_file_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "vadsearch.db").exists()
 
 
+def test_launch_rejects_a_mistyped_device_once_before_starting_workers(tmp_path, tiny_csv, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    study_file = write_study(tmp_path / "t.toml", name="t", data=tiny_csv, search="hidden_size = [4]")
+    line = one_line_error(invoke("launch", str(study_file), "--workers", "2", "--device", "gpu0"), code=2)
+    assert "unknown device 'gpu0'" in line
+    assert not (tmp_path / "vadsearch-logs").exists() and not (tmp_path / "vadsearch.db").exists()
+
+
 def test_bad_set_and_bad_storage(tmp_path, tiny_csv, monkeypatch):
     monkeypatch.chdir(tmp_path)
     study_file = write_study(tmp_path / "t.toml", name="t", data=tiny_csv, search="hidden_size = [4]")

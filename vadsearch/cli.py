@@ -310,9 +310,11 @@ def launch(
     from vadsearch.mps import mps_daemon
     from vadsearch.storage import storage_url
 
+    from vadsearch.config import check_device
     from vadsearch.retention import check_keep
 
     check_keep(keep)
+    check_device(device)
     spec = _load_spec(study_file, data, sets)  # fail here, once, rather than in N workers
     url = storage_url(storage)
     args = ["--artifacts", str(artifacts), "--device", device]

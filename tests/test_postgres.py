@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import uuid
@@ -39,8 +40,14 @@ def test_four_launched_workers_finish_each_point_exactly_once(tmp_path, tiny_csv
     assert len(finished) == 12 and set(finished.values()) == {1}
     workers = {t.user_attrs["worker"] for t in study.get_trials(states=(TrialState.COMPLETE,))}
     assert len(workers) > 1, "one worker did all the work: the others never joined"
-    for index in range(4):
-        assert "Traceback" not in (tmp_path / "vadsearch-logs" / f"worker-{index}.log").read_text()
+    logs = [(tmp_path / "vadsearch-logs" / f"worker-{index}.log").read_text() for index in range(4)]
+    assert not any("Traceback" in log or "Warning" in log for log in logs)
+    # Each worker's log tells its trials epoch by epoch, in timestamped lines, not progress-bar redraws.
+    assert not any("\r" in log for log in logs)
+    for trial in study.get_trials(states=(TrialState.COMPLETE,)):
+        line = (rf"^\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d INFO vadsearch\.worker: "
+                rf"trial {trial.number}: epoch {trial.user_attrs['epochs_done']}/2  loss ")
+        assert sum(bool(re.search(line, log, re.MULTILINE)) for log in logs) == 1
 
     # Stock Optuna tools read the same storage.
     optuna_cli = str(Path(sys.executable).with_name("optuna"))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -69,6 +72,19 @@ def test_lstm_trains(uninterrupted: RunResult, tiny_corpus: Corpus) -> None:
     # It learns: the words drive the ratings, so it beats predicting the training means.
     assert result.dev.mse < mean_baseline(tiny_corpus)["dev"].mse
     assert result.history[-1].train_loss < result.history[0].train_loss
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_batch_bars_are_drawn_on_a_terminal_only(tiny_corpus: Corpus, monkeypatch, terminal: bool) -> None:
+    class Stderr(io.StringIO):
+        def isatty(self) -> bool:
+            return terminal
+
+    stderr = Stderr()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    _run(dataclasses.replace(TINY_LSTM, max_epochs=1), tiny_corpus, progress=True)
+    # A worker logging to a file (as under `launch`) gets its log lines, not a redraw per batch.
+    assert ("epoch 1/1" in stderr.getvalue()) is terminal
 
 
 def test_as_dict_is_json_ready(uninterrupted: RunResult) -> None:

@@ -126,7 +126,7 @@ def ctrl_c_after_epoch(last: int):
     return interrupted
 
 
-def test_ctrl_c_leaves_the_trial_resumable_without_spending_a_retry(setup, monkeypatch):
+def test_ctrl_c_leaves_the_trial_resumable_without_spending_a_retry(setup, monkeypatch, caplog):
     spec, options = setup('hidden_size = [4]\n', max_epochs=3, study="max_retries = 0")
     real_train = vadsearch.train.train
     synchronous_checkpoints(monkeypatch)
@@ -137,11 +137,19 @@ def test_ctrl_c_leaves_the_trial_resumable_without_spending_a_retry(setup, monke
     assert study.trials[0].user_attrs["interrupted"] is True
 
     monkeypatch.setattr(vadsearch.train, "train", real_train)
+    caplog.set_level(logging.INFO, logger="vadsearch.worker")
     assert Worker(spec, options).run().stopped == "finished"
     resumed = load(options).trials[1]
     assert resumed.state == TrialState.COMPLETE
     assert resumed.user_attrs["resumed_from"] == 2  # continued from its epoch-2 checkpoint
     assert sorted(resumed.intermediate_values) == [1, 2, 3]  # restored epochs reported, none lost
+
+    # The worker's log says where the trial resumed and shows the epoch it trained, not the restored ones.
+    lines = [r.getMessage() for r in caplog.records if r.name == "vadsearch.worker"]
+    assert "trial 1: resumed from its epoch-2 checkpoint" in lines
+    epochs = [line for line in lines if line.startswith("trial 1: epoch")]
+    assert len(epochs) == 1 and epochs[0].startswith("trial 1: epoch 3/3  loss ")
+    assert f"dev {resumed.intermediate_values[3]:.4f}" in epochs[0]
 
 
 def test_survey_classifies_failures_by_cause(setup):

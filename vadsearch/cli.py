@@ -89,8 +89,9 @@ class _CurrentStderr(logging.StreamHandler):
 
 def _setup_logging(quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", handlers=[_CurrentStderr()],
-                        force=True)
+    # Timestamped: a worker's log may cover days.
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S", handlers=[_CurrentStderr()], force=True)
 
 
 def _scores_line(label: str, scores) -> str:

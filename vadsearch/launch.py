@@ -37,7 +37,7 @@ class LaunchPlan:
             raise ConfigError(f"--workers must be at least 1, got {self.workers}")
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "vadsearch.cli", "worker", str(self.study_file), "--quiet", *self.worker_args]
+        return [sys.executable, "-m", "vadsearch.cli", "worker", str(self.study_file), *self.worker_args]
 
     def environment(self, index: int) -> dict[str, str]:
         env = {**os.environ, **dict(self.env)}

@@ -109,7 +109,8 @@ def _bar(items, enabled: bool, desc: str):
         return items
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+    # disable=None: drawn on a terminal only, so a worker's log file holds its log lines, not redraws.
+    return tqdm(items, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None)
 
 
 def _patience_exhausted(history: list[EpochResult], best_epoch: int, patience: int) -> bool:

@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,7 +334,9 @@ class Worker:
                     return "finished"
                 if state == "wait":
                     # Every open point runs elsewhere: wait, in case one of those workers dies.
-                    optuna.storages.fail_stale_trials(study)
+                    with warnings.catch_warnings():  # "experimental" in Optuna 5, used knowingly (DESIGN.md)
+                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                        optuna.storages.fail_stale_trials(study)
                     time.sleep(opts.poll_interval)
                     continue
             self._taken_over = self._machine_fault = None
@@ -433,6 +436,12 @@ class Worker:
                 return
             if epoch.epoch == restored + 1:
                 trial.set_user_attr("resumed_from", restored)  # known now, not only if the trial finishes
+                if restored:
+                    log.info("trial %d: resumed from its epoch-%d checkpoint", trial.number, restored)
+            # A worker's log (launch writes one per worker) shows how each trial is going, epoch by epoch.
+            log.info("trial %d: epoch %d/%d  loss %.4f  dev %.4f%s  %.1f s", trial.number, epoch.epoch,
+                     config.max_epochs, epoch.train_loss, epoch.dev.mse, "  best" if epoch.best else "",
+                     epoch.seconds)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch.epoch} (dev {epoch.dev.mse:.4f})")
 

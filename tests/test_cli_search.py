@@ -121,6 +121,17 @@ def test_reports_without_a_database_create_none(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_help_wraps_prose_to_the_terminal_and_keeps_examples_on_their_own_lines():
+    wide = runner.invoke(app, ["worker", "--help"], env={"COLUMNS": "200"}, catch_exceptions=False).output
+    # One paragraph of the docstring, wrapped in the source, is one line on a wide terminal.
+    assert ("Any number of workers, on any number of machines, can run the same study file against one storage. "
+            "Stop a worker with Ctrl-C") in wide
+    assert "\n   vadsearch worker studies/quickstart.toml" in wide
+    narrow = runner.invoke(app, ["plot", "--help"], env={"COLUMNS": "60"}, catch_exceptions=False).output
+    assert max(len(line) for line in narrow.splitlines()) <= 60
+    assert "fANOVA parameter importances" in " ".join(narrow.split())
+
+
 def test_every_command_teaches_in_its_help():
     result = invoke("--help")
     for command in ("train", "worker", "launch", "status", "report", "best", "compare"):

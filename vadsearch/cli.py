@@ -7,6 +7,7 @@ Heavy libraries (torch, transformers, spaCy, Optuna) are imported inside the com
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import sys
@@ -22,6 +23,11 @@ from vadsearch.errors import VadsearchError
 class _Group(TyperGroup):
     """Maps the library's errors to one line and an exit code, in one place for every command."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for command in self.commands.values():
+            command.help = _reflow(command.help)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -30,6 +36,16 @@ class _Group(TyperGroup):
             line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(exc))
             typer.echo(f"error: {line}", err=True)
             raise typer.Exit(exc.exit_code) from None
+
+
+def _reflow(text: str | None) -> str | None:
+    """Joins the lines of each prose paragraph of a docstring, so that the help wraps them to the
+    terminal's width instead of keeping the source's line breaks; indented paragraphs (examples) stay."""
+    if not text:
+        return text
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(p if any(line[:1].isspace() for line in p.splitlines()) else " ".join(p.split("\n"))
+                       for p in paragraphs)
 
 
 app = typer.Typer(
@@ -300,7 +316,7 @@ def launch(
 ) -> None:
     """Start N workers on this machine (round-robin over --gpus) and show their combined progress.
 
-    Example:
+    Examples:
 
       vadsearch launch studies/lstm.toml --workers 8 --gpus 0,1
 

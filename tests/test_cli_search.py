@@ -64,6 +64,31 @@ def test_status_and_compare(finished):
     assert compare[0]["study"] == "tiny" and compare[0]["complete"] == 2
 
 
+def test_status_and_report_say_why_trials_failed(finished):
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name="tiny", storage="sqlite:///vadsearch.db")
+    for number in range(7):
+        study.add_trial(optuna.create_trial(
+            state=TrialState.FAIL, params={"hidden_size": 4},
+            distributions={"hidden_size": CategoricalDistribution([4, 8])},
+            user_attrs={"point": "{}", "worker": "w:1", "fail_reason": f"ValueError: failure {number}"}))
+    lines = invoke("status").output.splitlines()
+    # The five latest failures (trials 4-8), and where to read the others.
+    assert [line for line in lines if " failed: " in line] == [
+        f"  trial {2 + n} failed: ValueError: failure {n}" for n in range(2, 7)]
+    assert "  (2 earlier failures: vadsearch report tiny --trials)" in lines
+
+    table = invoke("report", "tiny", "--trials").output
+    assert "failure" in table and "ValueError: failure 0" in table and "COMPLETE" in table
+    assert "point" not in table.splitlines()[0].split()  # the JSON point stays out of the table
+    records = json.loads(invoke("report", "tiny", "--trials", "--format", "json").output)
+    assert [r["state"] for r in records] == ["COMPLETE"] * 2 + ["FAIL"] * 7 and "point" in records[0]
+    assert "use one of them" in one_line_error(invoke("report", "tiny", "--trials", "--top", "1"), code=2)
+
+
 def test_set_overrides_train_values(tmp_path, tiny_csv, monkeypatch):
     monkeypatch.chdir(tmp_path)
     study_file = write_study(tmp_path / "t.toml", name="t", data=tiny_csv, search="hidden_size = [4]")

@@ -92,10 +92,32 @@ def test_trials_frame_has_every_trial_but_orphans(lstm: optuna.Study) -> None:
     assert list(frame["number"]) == [0, 1, 2, 3, 5]
     assert list(frame["state"]) == ["COMPLETE", "COMPLETE", "COMPLETE", "FAIL", "RUNNING"]
     assert {"param.lr", "param.dropout", "point", "worker", "seconds", "dev_r_v"} <= set(frame.columns)
-    assert frame.loc[frame["state"] == "FAIL", "fail_reason"].item() == "loss diverged to NaN"
+    assert frame.loc[frame["state"] == "FAIL", "failure"].item() == "loss diverged to NaN"
     assert frame["dev_mse"].iloc[:3].tolist() == pytest.approx([0.30, 0.10, 0.20])
     assert pd.isna(frame["best_epoch"].iloc[-1])  # missing on a running trial, not an error
     assert not any(c.startswith("test") for c in frame.columns)  # model selection sees dev only
+
+
+def test_each_failure_says_why_and_a_queued_trial_shows_its_point(storage: optuna.storages.RDBStorage) -> None:
+    study = make_study(storage, "f", "lstm", max_trials=4)
+    causes = [{"fail_reason": "RuntimeError: CUDA out of memory"}, {"interrupted": True},
+              {"fail_reason": "CheckpointError: disk full", "machine_fault": True}, {}]  # {}: heartbeat stale
+    for attrs in causes:
+        study.add_trial(optuna.create_trial(state=TrialState.FAIL, params={"lr": 1e-3},
+                                            distributions={"lr": DISTRIBUTIONS["lr"]},
+                                            user_attrs={"point": "p", "worker": "gpu7:42", **attrs}))
+    study.enqueue_trial({"lr": 1e-2}, user_attrs={"point": json.dumps({"lr": 1e-2})})
+    frame = report.trials_frame(study)
+    assert list(frame["failure"].iloc[:4]) == [
+        "RuntimeError: CUDA out of memory",
+        "interrupted (Ctrl-C): queued again without spending a retry",
+        "CheckpointError: disk full",
+        "worker gpu7:42 stopped sending heartbeats (killed, or its machine was lost)",
+    ]
+    assert frame["state"].iloc[4] == "WAITING" and frame["param.lr"].iloc[4] == 1e-2  # from its point
+    assert pd.isna(frame["failure"].iloc[4])
+    [row] = report.status(storage)
+    assert row["failed_trials"] == [{"number": n, "failure": f} for n, f in enumerate(frame["failure"].iloc[:4])]
 
 
 def test_leaderboard_ranks_complete_trials_by_dev(lstm: optuna.Study) -> None:

@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from vadsearch.errors import VadsearchError
+from vadsearch.errors import ConfigError, VadsearchError
 
 
 class _Group(TyperGroup):
@@ -202,7 +202,6 @@ def _parse_sets(items: list[str] | None) -> dict:
     """`KEY=VALUE` pairs; VALUE is read as a TOML value (2, 1e-3, true, "x"), else taken as text."""
     import tomllib
 
-    from vadsearch.errors import ConfigError
 
     values = {}
     for item in items or []:
@@ -392,6 +391,9 @@ def _open(storage: str | None):
     return open_storage(storage, create=False)
 
 
+FAILURES_SHOWN = 5
+
+
 @app.command()
 def status(storage: StorageOpt = None, fmt: FormatOpt = "table") -> None:
     """Each study: trials by state; running trials with their epoch, worker and heartbeat age."""
@@ -409,6 +411,11 @@ def status(storage: StorageOpt = None, fmt: FormatOpt = "table") -> None:
         for t in row["running_trials"]:
             age = "?" if t["heartbeat_age_s"] is None else f"{t['heartbeat_age_s']:.0f}s"
             typer.echo(f"  trial {t['number']}: epoch {t['epochs_done'] or 0} on {t['worker']}, heartbeat {age} ago")
+        failed = row["failed_trials"]
+        for t in failed[-FAILURES_SHOWN:]:  # the latest: a long study's early failures are old news
+            typer.echo(f"  trial {t['number']} failed: {t['failure']}")
+        if len(failed) > FAILURES_SHOWN:
+            typer.echo(f"  ({len(failed) - FAILURES_SHOWN} earlier failures: vadsearch report {row['name']} --trials)")
 
 
 @app.command()
@@ -417,14 +424,27 @@ def report(
     storage: StorageOpt = None,
     fmt: FormatOpt = "table",
     top: Annotated[Optional[int], typer.Option(help="Show the N best trials only.")] = None,
+    trials: Annotated[bool, typer.Option(
+        "--trials", help="Every trial instead, in order: state, epochs, dev score, worker, why it failed.")] = False,
 ) -> None:
     """Leaderboard of a study by dev score, then the best trial's parameters and its test score.
 
-    Example: vadsearch report quickstart --format markdown
+    Examples:
+
+      vadsearch report quickstart --format markdown
+
+      vadsearch report lstm --trials
     """
     from vadsearch import report as reports
 
+    if trials and top is not None:
+        raise ConfigError("--top ranks the leaderboard; --trials lists every trial: use one of them")
     loaded = reports.load(_open(storage), _study_name(study))
+    if trials:
+        frame = reports.trials_frame(loaded)
+        # The point repeats the param.* columns as JSON: kept for machines, left out of tables.
+        typer.echo(reports.render(frame if fmt in ("csv", "json") else frame.drop(columns="point"), fmt))
+        return
     board = reports.leaderboard(loaded, top=top)
     if fmt in ("csv", "json"):
         typer.echo(reports.render(board, fmt))
@@ -614,7 +634,6 @@ def predict(
     _quiet_models()
     from vadsearch import predict as predictions
     from vadsearch import report as reports
-    from vadsearch.errors import ConfigError
 
     if fmt not in ("table", "markdown", "csv", "json"):
         raise ConfigError(f"--format must be table, csv or json; got {fmt!r}")

@@ -7,9 +7,9 @@ What a worker stores, and what this module reads:
 - study user attr `vadsearch`: `name`, `sampler`, `description`, `max_trials`, `base` (with `model`);
 - objective value: dev MSE of the trial's best epoch (lower is better);
 - trial user attrs: `point`, `worker`, `config`, `checkpoint_dir`, `epochs_done`, `best_epoch`,
-  `dev` / `test` (`Scores.as_dict`), `seconds`, `fail_reason`, and `orphan` on stray trials that a race
-  between grid workers could create before they ran queued trials only. Orphans are left out of every
-  table and count.
+  `dev` / `test` (`Scores.as_dict`), `seconds`, how a failed trial failed (`vadsearch.failures`), and
+  `orphan` on stray trials that a race between grid workers could create before they ran queued trials
+  only. Orphans are left out of every table and count.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
+from vadsearch import failures
 from vadsearch.errors import ConfigError, StorageError
 
 FORMATS = ("table", "markdown", "csv", "json")
@@ -94,6 +95,17 @@ def _param_names(trials: Iterable[FrozenTrial]) -> list[str]:
     return sorted({name for t in trials for name in t.params})
 
 
+def _chosen_params(trial: FrozenTrial) -> dict[str, Any]:
+    """A trial's parameters; a queued trial has none in Optuna until it starts, but carries its point."""
+    if trial.params or not isinstance(trial.user_attrs.get("point"), str):
+        return dict(trial.params)
+    try:
+        point = json.loads(trial.user_attrs["point"])
+    except json.JSONDecodeError:
+        return {}
+    return point if isinstance(point, dict) else {}
+
+
 def _score(scores: Mapping[str, Any] | None, key: str) -> float:
     """One number from a `Scores.as_dict` dict; nan where the dict or the key is missing or None."""
     if not isinstance(scores, Mapping) or scores.get(key) is None:
@@ -117,11 +129,13 @@ def _frame(records: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """Every trial but orphans, one row each, in number order; params as `param.NAME` columns."""
+    """Every trial but orphans, one row each, in number order; params as `param.NAME` columns, and why
+    each failed trial failed (`failures.describe`)."""
     trials = _trials(study)
-    params = _param_names(trials)
+    chosen = {t.number: _chosen_params(t) for t in trials}
+    params = sorted({name for p in chosen.values() for name in p})
     columns = ["number", "state", "point", *(PARAM_PREFIX + p for p in params), "epochs_done", "best_epoch",
-               "dev_mse", *(f"dev_r_{d}" for d in DIMENSIONS), "worker", "seconds", "fail_reason"]
+               "dev_mse", *(f"dev_r_{d}" for d in DIMENSIONS), "worker", "seconds", "failure"]
     records = []
     for t in trials:
         attrs = t.user_attrs
@@ -130,14 +144,14 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "number": t.number,
             "state": t.state.name,
             "point": attrs.get("point"),
-            **{PARAM_PREFIX + p: t.params.get(p) for p in params},
+            **{PARAM_PREFIX + p: chosen[t.number].get(p) for p in params},
             "epochs_done": attrs.get("epochs_done"),
             "best_epoch": attrs.get("best_epoch"),
             "dev_mse": _dev_mse(t),
             **{f"dev_r_{d}": _score(dev, f"r_{d}") for d in DIMENSIONS},
             "worker": attrs.get("worker"),
             "seconds": attrs.get("seconds"),
-            "fail_reason": attrs.get("fail_reason"),
+            "failure": failures.describe(attrs) if t.state == TrialState.FAIL else None,
         })
     return _frame(records, columns)
 
@@ -213,7 +227,8 @@ def compare(studies: Sequence[optuna.Study]) -> pd.DataFrame:
 
 
 def status(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
-    """Per study: trials by state, the planned trial count, and each running trial's epoch and heartbeat age.
+    """Per study: trials by state, the planned trial count, each running trial's epoch and heartbeat age,
+    and why each failed trial failed.
 
     `heartbeat_age_s` is None where the trial has no heartbeat (heartbeats off, or not recorded yet) or the
     storage is not a database.
@@ -242,6 +257,11 @@ def status(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
                 }
                 for t in trials
                 if t.state == TrialState.RUNNING
+            ],
+            "failed_trials": [
+                {"number": t.number, "failure": failures.describe(t.user_attrs)}
+                for t in trials
+                if t.state == TrialState.FAIL
             ],
         })
     return rows

@@ -9,7 +9,8 @@ searched parameters as canonical JSON). Each point's trials tell its story:
 - FAIL with `fail_reason`: the configuration raised; requeued until `max_retries` is spent;
 - FAIL with `interrupted` or `machine_fault` (Ctrl-C; a checkpoint that could not be written): always
   requeued, and the worker stops;
-- FAIL with neither: its worker died and its heartbeat went stale; requeued up to `max_stale_retries`.
+- FAIL with neither: its worker died and its heartbeat went stale; requeued up to `max_stale_retries`
+  (`vadsearch.failures` tells these apart, for reports too).
 
 Requeuing happens only in `reconcile`, under a lock on the study, so two workers never queue the same
 point twice. A requeued point resumes from the epoch checkpoints in its run directory, which is named
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vadsearch import failures
 from vadsearch.errors import CheckpointError, StudyFileError
 from vadsearch.fit import fit
 from vadsearch.storage import (
@@ -126,12 +128,11 @@ def survey(spec: StudySpec, trials: list[optuna.trial.FrozenTrial], max_stale_re
             point.settled = True
         elif trial.state in (TrialState.RUNNING, TrialState.WAITING):
             point.active = True
-        elif attrs.get("interrupted") or attrs.get("machine_fault"):
-            pass  # not the configuration's fault: requeued without spending a retry
-        elif "fail_reason" in attrs:
+        elif failures.kind(attrs) == failures.ERROR:
             point.failures += 1
-        else:
+        elif failures.kind(attrs) == failures.LOST:
             point.stale += 1
+        # interrupted or a machine fault: not the configuration's fault, requeued without spending a retry
     for point in points.values():
         if point.failures > spec.max_retries or point.stale > max_stale_retries:
             point.settled = True  # given up on: a failed point in the report, not an endless loop

@@ -1,0 +1,38 @@
+"""Why a trial failed, read from what its worker stored: one reading for retries and for reports.
+
+A worker that catches the failure stores it with the trial's FAIL state (`worker.Worker._train_trial`):
+`interrupted` (Ctrl-C), `machine_fault` with a `fail_reason` (a checkpoint that could not be written), or
+a `fail_reason` alone (the configuration raised). A FAIL trial with none of them was failed by another
+worker because its heartbeat went stale: its own worker was killed or lost its machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+INTERRUPTED = "interrupted"
+MACHINE_FAULT = "machine fault"
+ERROR = "error"
+LOST = "worker lost"
+
+
+def kind(attrs: Mapping[str, Any]) -> str:
+    """One of INTERRUPTED, MACHINE_FAULT, ERROR (the configuration's own fault) or LOST."""
+    if attrs.get("interrupted"):
+        return INTERRUPTED
+    if attrs.get("machine_fault"):
+        return MACHINE_FAULT
+    if "fail_reason" in attrs:
+        return ERROR
+    return LOST
+
+
+def describe(attrs: Mapping[str, Any]) -> str:
+    """The failure of a FAIL trial in words, for reports."""
+    found = kind(attrs)
+    if found == INTERRUPTED:
+        return "interrupted (Ctrl-C): queued again without spending a retry"
+    if found == LOST:
+        return f"worker {attrs.get('worker', '?')} stopped sending heartbeats (killed, or its machine was lost)"
+    return str(attrs["fail_reason"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -87,6 +89,29 @@ def test_status_and_report_say_why_trials_failed(finished):
     records = json.loads(invoke("report", "tiny", "--trials", "--format", "json").output)
     assert [r["state"] for r in records] == ["COMPLETE"] * 2 + ["FAIL"] * 7 and "point" in records[0]
     assert "use one of them" in one_line_error(invoke("report", "tiny", "--trials", "--top", "1"), code=2)
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_launch_progress_is_a_bar_on_a_terminal_and_a_line_per_change_elsewhere(finished, tmp_path, monkeypatch,
+                                                                                  terminal):
+    from vadsearch.cli import _progress_bar
+    from vadsearch.studyfile import load_study_file
+
+    class Stderr(io.StringIO):
+        def isatty(self) -> bool:
+            return terminal
+
+    monkeypatch.setattr(sys, "stderr", Stderr())
+    tick = _progress_bar(load_study_file(tmp_path / "tiny.toml"), "sqlite:///vadsearch.db")
+    for _ in range(3):
+        tick()
+    shown = sys.stderr.getvalue()
+    if terminal:
+        assert "tiny: 100%" in shown and "2/2" in shown and "running=0" in shown
+    else:  # three ticks, no change: one timestamped line
+        [line] = shown.splitlines()
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d tiny: 2/2 configurations done, 0 running, 0 given up",
+                            line)
 
 
 def test_set_overrides_train_values(tmp_path, tiny_csv, monkeypatch):

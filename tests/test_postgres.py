@@ -38,6 +38,11 @@ def test_four_launched_workers_finish_each_point_exactly_once(tmp_path, tiny_csv
     study = optuna.load_study(study_name=study_name, storage=postgres)
     finished = points_finished(study)
     assert len(finished) == 12 and set(finished.values()) == {1}
+    # Not a terminal: the launch's progress is a line each time it changes, not a bar redrawn each second.
+    progress = [line.split(" ", 2)[2] for line in result.stderr.splitlines() if "configurations done" in line]
+    assert "\r" not in result.stderr and len(progress) >= 2
+    assert all(a != b for a, b in zip(progress, progress[1:])), progress  # a line per change only
+    assert progress[-1] == f"{study_name}: 12/12 configurations done, 0 running, 0 given up"
     workers = {t.user_attrs["worker"] for t in study.get_trials(states=(TrialState.COMPLETE,))}
     assert len(workers) > 1, "one worker did all the work: the others never joined"
     logs = [(tmp_path / "vadsearch-logs" / f"worker-{index}.log").read_text() for index in range(4)]

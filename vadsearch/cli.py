@@ -363,24 +363,35 @@ def launch(
 
 
 def _progress_bar(spec, url: str):
-    """A tick function that redraws one bar of settled configurations, read from the storage."""
+    """A tick function that shows the settled configurations, read from the storage: one bar redrawn on
+    a terminal; elsewhere (a log file, `docker logs`) a timestamped line each time the counts change,
+    instead of a redraw every second for days."""
+    import time
+
     from tqdm.auto import tqdm
 
     from vadsearch.worker import progress
 
-    bar = tqdm(total=spec.max_trials, desc=spec.name, unit="trial", dynamic_ncols=True)
-    state = {"storage": None}
+    bar = None
+    if sys.stderr.isatty():
+        bar = tqdm(total=spec.max_trials, desc=spec.name, unit="trial", dynamic_ncols=True)
+    state = {"storage": None, "counts": None}
 
     def tick() -> None:
         try:
             if state["storage"] is None:
                 state["storage"] = _open(url)
-            settled, running, failed = progress(state["storage"], spec)
+            counts = settled, running, failed = progress(state["storage"], spec)
         except Exception:  # the first worker has not created the study yet
             return
-        bar.n = settled
-        bar.set_postfix(running=running, failed=failed, refresh=False)
-        bar.refresh()
+        if bar is not None:
+            bar.n = settled
+            bar.set_postfix(running=running, failed=failed, refresh=False)
+            bar.refresh()
+        elif counts != state["counts"]:
+            typer.echo(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {spec.name}: {settled}/{spec.max_trials} "
+                       f"configurations done, {running} running, {failed} given up", err=True)
+        state["counts"] = counts
 
     return tick
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -350,11 +351,18 @@ def payload(tiny_csv: Path) -> bytes:
 
 
 def test_good_download_is_verified_and_cached(
-    monkeypatch: pytest.MonkeyPatch, clean_env: Path, payload: bytes
+    monkeypatch: pytest.MonkeyPatch, clean_env: Path, payload: bytes, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     monkeypatch.setattr(data, "EMOBANK_SHA256", hashlib.sha256(payload).hexdigest())
     requested = serve(monkeypatch, payload)
+    caplog.set_level(logging.INFO, logger="vadsearch.download")
     corpus = load_emobank()
+    # Off a terminal (a worker's log file): what was fetched and where it went, in lines, and no bar.
+    assert [r.getMessage() for r in caplog.records] == [
+        f"downloading EmoBank ({len(payload) / 1e6:.1f} MB) from {data.EMOBANK_URL}",
+        f"saved EmoBank to {clean_env / 'emobank.csv'} (sha256 verified)"]
+    assert capsys.readouterr().err == ""
     assert corpus.path == clean_env / "emobank.csv"
     assert corpus.path.read_bytes() == payload
     assert requested == [data.EMOBANK_URL]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
 import tempfile
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from vadsearch.errors import VadsearchError
+
+log = logging.getLogger(__name__)
 
 DOWNLOAD_TIMEOUT_S = 30
 _CHUNK_BYTES = 1024 * 1024
@@ -47,6 +50,7 @@ def download_verified(url: str, dest: Path, sha256: str, *, label: str, hint: st
                 f"it was discarded. Try again later, or {hint}"
             )
         os.replace(tmp, dest)
+        log.info("saved %s to %s (sha256 verified)", label, dest)
     finally:
         tmp.unlink(missing_ok=True)  # no-op after a successful rename
     return dest
@@ -61,7 +65,9 @@ def _fetch(url: str, out: BinaryIO, label: str, hint: str) -> str:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=label, file=sys.stderr) as bar:
+            # The log says what is fetched; the bar is for terminals (a worker's log would get its redraws).
+            log.info("downloading %s%s from %s", label, f" ({total / 1e6:.1f} MB)" if total else "", url)
+            with tqdm(total=total, unit="B", unit_scale=True, desc=label, file=sys.stderr, disable=None) as bar:
                 for chunk in iter(lambda: response.read(_CHUNK_BYTES), b""):
                     digest.update(chunk)
                     out.write(chunk)

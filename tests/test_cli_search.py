@@ -80,7 +80,8 @@ def test_status_and_report_say_why_trials_failed(finished):
     lines = invoke("status").output.splitlines()
     # The five latest failures (trials 4-8), and where to read the others.
     assert [line for line in lines if " failed: " in line] == [
-        f"  trial {2 + n} failed: ValueError: failure {n}" for n in range(2, 7)]
+        *(f"  trial {2 + n} failed: ValueError: failure {n}; retried as trial {3 + n}, fail" for n in range(2, 6)),
+        "  trial 8 failed: ValueError: failure 6"]
     assert "  (2 earlier failures: vadsearch report tiny --trials)" in lines
 
     table = invoke("report", "tiny", "--trials").output
@@ -112,6 +113,28 @@ def test_launch_progress_is_a_bar_on_a_terminal_and_a_line_per_change_elsewhere(
         [line] = shown.splitlines()
         assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d tiny: 2/2 configurations done, 0 running, 0 given up",
                             line)
+
+
+def test_status_shows_a_running_trials_epoch_of_how_many_time_running_and_heartbeat(finished):
+    import optuna
+
+    storage = optuna.storages.RDBStorage("sqlite:///vadsearch.db")
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    running = study.ask()
+    running.set_user_attr("worker", "gpu3:77")
+    running.report(0.2, 1)
+    storage.record_heartbeat(running._trial_id)
+    lines = invoke("status").output.splitlines()
+    assert any(re.fullmatch(rf"  trial {running.number}: epoch 1/2 on gpu3:77, running \d+ s, heartbeat \d+ s ago",
+                            line) for line in lines), lines
+
+
+@pytest.mark.parametrize(("seconds", "shown"), [(None, "?"), (4.4, "4 s"), (119, "119 s"), (150, "2 min"),
+                                                (7199, "120 min"), (9000, "2.5 h")])
+def test_durations_read_at_a_glance(seconds, shown):
+    from vadsearch.cli import _duration
+
+    assert _duration(seconds) == shown
 
 
 def test_set_overrides_train_values(tmp_path, tiny_csv, monkeypatch):

@@ -117,7 +117,10 @@ def test_each_failure_says_why_and_a_queued_trial_shows_its_point(storage: optun
     assert frame["state"].iloc[4] == "WAITING" and frame["param.lr"].iloc[4] == 1e-2  # from its point
     assert pd.isna(frame["failure"].iloc[4])
     [row] = report.status(storage)
-    assert row["failed_trials"] == [{"number": n, "failure": f} for n, f in enumerate(frame["failure"].iloc[:4])]
+    assert [(t["number"], t["failure"]) for t in row["failed_trials"]] == list(enumerate(frame["failure"].iloc[:4]))
+    # Each failure's configuration was tried again by the next trial of the same point, the last not yet.
+    assert [(t["retried_as"], t["retry_state"]) for t in row["failed_trials"]] == [
+        (1, "FAIL"), (2, "FAIL"), (3, "FAIL"), (None, None)]
 
 
 def test_leaderboard_ranks_complete_trials_by_dev(lstm: optuna.Study) -> None:
@@ -178,9 +181,22 @@ def test_status_counts_states_without_orphans(
     assert (row["model"], row["sampler"], row["max_trials"]) == ("lstm", "grid", 6)
     [running] = row["running_trials"]
     assert (running["number"], running["worker"], running["epochs_done"]) == (5, "host:3", 2)
-    assert 0 <= running["heartbeat_age_s"] < 60
+    assert running["max_epochs"] == 9  # the study file's [train] value
+    assert 0 <= running["heartbeat_age_s"] < 60 and 0 <= running["running_s"] < 60
     assert rows["baseline"]["complete"] == 1 and rows["baseline"]["running_trials"] == []
     json.dumps(list(rows.values()), allow_nan=False)
+
+
+def test_a_running_trials_epoch_count_comes_from_its_search_then_its_config(
+    storage: optuna.storages.RDBStorage
+) -> None:
+    study = make_study(storage, "e", "lstm", max_trials=3)
+    searched = study.ask({"max_epochs": CategoricalDistribution([2, 4])})
+    configured = study.ask()
+    configured.set_user_attr("config", {"model": "lstm", "max_epochs": 3})
+    [row] = report.status(storage)
+    by_number = {t["number"]: t["max_epochs"] for t in row["running_trials"]}
+    assert by_number == {searched.number: searched.params["max_epochs"], configured.number: 3}
 
 
 def test_running_trial_without_heartbeat_has_no_age(storage: optuna.storages.RDBStorage) -> None:

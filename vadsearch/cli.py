@@ -405,6 +405,16 @@ def _open(storage: str | None):
 FAILURES_SHOWN = 5
 
 
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 @app.command()
 def status(storage: StorageOpt = None, fmt: FormatOpt = "table") -> None:
     """Each study: trials by state; running trials with their epoch, worker and heartbeat age."""
@@ -420,11 +430,15 @@ def status(storage: StorageOpt = None, fmt: FormatOpt = "table") -> None:
         typer.echo(f"{row['name']} ({row['model']}, {row['sampler']}): {row['complete']}/{row['max_trials']} complete, "
                    f"{row['running']} running, {row['waiting']} waiting, {row['fail']} failed, {row['pruned']} pruned")
         for t in row["running_trials"]:
-            age = "?" if t["heartbeat_age_s"] is None else f"{t['heartbeat_age_s']:.0f}s"
-            typer.echo(f"  trial {t['number']}: epoch {t['epochs_done'] or 0} on {t['worker']}, heartbeat {age} ago")
+            of = f"/{t['max_epochs']}" if t["max_epochs"] else ""
+            typer.echo(f"  trial {t['number']}: epoch {t['epochs_done'] or 0}{of} on {t['worker']}, "
+                       f"running {_duration(t['running_s'])}, heartbeat {_duration(t['heartbeat_age_s'])} ago")
         failed = row["failed_trials"]
         for t in failed[-FAILURES_SHOWN:]:  # the latest: a long study's early failures are old news
-            typer.echo(f"  trial {t['number']} failed: {t['failure']}")
+            retried = ""
+            if t["retried_as"] is not None:
+                retried = f"; retried as trial {t['retried_as']}, {t['retry_state'].lower()}"
+            typer.echo(f"  trial {t['number']} failed: {t['failure']}{retried}")
         if len(failed) > FAILURES_SHOWN:
             typer.echo(f"  ({len(failed) - FAILURES_SHOWN} earlier failures: vadsearch report {row['name']} --trials)")
 

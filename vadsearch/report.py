@@ -14,6 +14,7 @@ What a worker stores, and what this module reads:
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -66,6 +67,22 @@ def _spec(study: optuna.Study) -> dict[str, Any]:
 def _model(spec: Mapping[str, Any]) -> str | None:
     base = spec.get("base")
     return base.get("model") if isinstance(base, Mapping) else None
+
+
+def _retried(failed: FrozenTrial, trials: Sequence[FrozenTrial]) -> dict[str, Any]:
+    """The next trial of the same configuration, if any: `retried_as` (its number) and `retry_state`."""
+    point = failed.user_attrs.get("point")
+    retry = next((t for t in trials if t.number > failed.number and point is not None
+                  and t.user_attrs.get("point") == point), None)
+    return {"retried_as": retry.number if retry else None, "retry_state": retry.state.name if retry else None}
+
+
+def _max_epochs(trial: FrozenTrial, spec: Mapping[str, Any]) -> int | None:
+    """Searched, else in the trial's stored configuration, else the study file's [train] value."""
+    for source in (trial.params, trial.user_attrs.get("config"), spec.get("base")):
+        if isinstance(source, Mapping) and isinstance(source.get("max_epochs"), int):
+            return source["max_epochs"]
+    return None
 
 
 def _is_orphan(trial: FrozenTrial) -> bool:
@@ -227,13 +244,14 @@ def compare(studies: Sequence[optuna.Study]) -> pd.DataFrame:
 
 
 def status(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
-    """Per study: trials by state, the planned trial count, each running trial's epoch and heartbeat age,
-    and why each failed trial failed.
+    """Per study: trials by state, the planned trial count, each running trial's epoch (of how many), time
+    running and heartbeat age, and why each failed trial failed.
 
     `heartbeat_age_s` is None where the trial has no heartbeat (heartbeats off, or not recorded yet) or the
     storage is not a database.
     """
     ages = _heartbeat_ages(storage)
+    now = datetime.datetime.now()  # Optuna stores a trial's start in local time, without a zone
     rows = []
     for name in list_studies(storage):
         study = _open(storage, name)
@@ -253,13 +271,15 @@ def status(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
                     "worker": t.user_attrs.get("worker"),
                     # a running trial's epochs are its reported steps (set as an attribute at the end only)
                     "epochs_done": t.user_attrs.get("epochs_done", max(t.intermediate_values, default=0)),
+                    "max_epochs": _max_epochs(t, spec),
+                    "running_s": (now - t.datetime_start).total_seconds() if t.datetime_start else None,
                     "heartbeat_age_s": ages.get((name, t.number)),
                 }
                 for t in trials
                 if t.state == TrialState.RUNNING
             ],
             "failed_trials": [
-                {"number": t.number, "failure": failures.describe(t.user_attrs)}
+                {"number": t.number, "failure": failures.describe(t.user_attrs), **_retried(t, trials)}
                 for t in trials
                 if t.state == TrialState.FAIL
             ],

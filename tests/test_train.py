@@ -24,7 +24,7 @@ from vadsearch.checkpoint import BackgroundWriter, RunDirectory
 from vadsearch.errors import CheckpointError, ConfigError, TrainingError
 from vadsearch.metrics import constant_baseline, mean_baseline
 from vadsearch.fit import fit
-from vadsearch.train import EpochResult, RunResult, resolve_device, train
+from vadsearch.train import EpochResult, RunResult, describe_device, resolve_device, train
 
 TINY_LSTM = TrainConfig(
     model="lstm", hidden_size=8, embedding_dim=8, batch_size=8, eval_batch_size=16, max_epochs=4, lr=0.02,
@@ -406,6 +406,26 @@ def test_unknown_device() -> None:
 def test_cuda_without_a_gpu() -> None:
     with pytest.raises(ConfigError, match="no CUDA GPU"):
         resolve_device("cuda")
+
+
+def test_a_gpu_index_beyond_the_visible_ones_is_refused_before_training(monkeypatch) -> None:
+    # Two GPUs seen: cuda:2 would fail every trial of a study with an invalid device ordinal.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    assert str(resolve_device("cuda:1")) == "cuda:1" and str(resolve_device("cuda")) == "cuda"
+    with pytest.raises(ConfigError, match=r"sees 2 CUDA GPU\(s\), cuda:0 to cuda:1 \(CUDA_VISIBLE_DEVICES=4,5\)"):
+        resolve_device("cuda:2")
+    # A worker's log names the card, and which of the machine's GPUs the process was given.
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"Card {torch.device(device).index}")
+    assert describe_device(torch.device("cuda:1")) == "cuda:1 (Card 1, CUDA_VISIBLE_DEVICES=4,5)"
+    assert describe_device(torch.device("cpu")) == "cpu"
+
+
+def test_mps_without_an_apple_gpu(monkeypatch) -> None:
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no Apple MPS device"):
+        resolve_device("mps")
 
 
 # ------------------------------------------------------------------------------------------ baseline

@@ -35,9 +35,12 @@ def load(options, name="s"):
     return optuna.load_study(study_name=name, storage=open_storage(options.storage, create=False))
 
 
-def test_grid_runs_every_point_once_and_a_rerun_runs_nothing(setup):
+def test_grid_runs_every_point_once_and_a_rerun_runs_nothing(setup, caplog):
     spec, options = setup()
-    summary = Worker(spec, options).run()
+    caplog.set_level(logging.INFO, logger="vadsearch.worker")
+    worker = Worker(spec, options)
+    summary = worker.run()
+    assert f"worker {worker.name} on study s ({options.storage}), device cpu" in caplog.messages
     assert summary.stopped == "finished"
     assert len(summary.trials) == 4
     study = load(options)

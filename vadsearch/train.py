@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,23 @@ def resolve_device(name: str = "auto") -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name} asked for, but this machine has no CUDA GPU: use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        # Caught here, once, rather than as an invalid device ordinal that fails every trial of a study.
+        count = torch.cuda.device_count()
+        raise ConfigError(f"device {name} asked for, but this process sees {count} CUDA GPU(s), cuda:0 to "
+                          f"cuda:{count - 1} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name} asked for, but this machine has no Apple MPS device: use --device cpu")
     return device
+
+
+def describe_device(device: torch.device) -> str:
+    """For a worker's log: which GPU this process trains on, among those it was given."""
+    if device.type != "cuda":
+        return str(device)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    shown = f", CUDA_VISIBLE_DEVICES={visible}" if visible is not None else ""
+    return f"{device} ({torch.cuda.get_device_name(device)}{shown})"
 
 
 def predict(model: nn.Module, split: EncodedSplit, batch_size: int, device: torch.device) -> np.ndarray:

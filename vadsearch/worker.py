@@ -244,6 +244,7 @@ class Worker:
         self._storage = None
         self._outcome: _Outcome | None = None  # of the trial in hand; settled after Optuna stored it
         self._last_identity: tuple[str | None, dict[str, Any]] = (None, {})
+        self._device = "none (no model to train)"
 
     # --- before the first trial: everything that could fail for every trial fails here, once -----
     def preflight(self) -> None:
@@ -255,9 +256,9 @@ class Worker:
         choices = {p.name: p.choices for p in self.spec.space if p.choices}
         check_device(self.options.device)  # by name, without torch: a baseline-only study needs no device
         if {c.model for c in configs} | set(choices.get("model", ())) != {"baseline"}:
-            from vadsearch.train import resolve_device  # loads torch
+            from vadsearch.train import describe_device, resolve_device  # loads torch
 
-            resolve_device(self.options.device)  # and the device exists
+            self._device = describe_device(resolve_device(self.options.device))  # and the device exists
         corpus = load_emobank(self.options.data or self.spec.data_path)
         if self.spec.data_subset:
             corpus = corpus.subset(*self.spec.data_subset, seed=self.spec.seed)
@@ -306,6 +307,7 @@ class Worker:
         storage.on_start = self._start_attrs
         storage.queue_only = self.spec.sampler == "grid"  # a grid samples nothing: it runs queued points
         study = open_study(self.spec, storage, opts.max_stale_retries, self._corpus.sha256)
+        log.info("worker %s on study %s (%s), device %s", self.name, self.spec.name, mask(storage.url), self._device)
         started = time.monotonic()
         try:
             self.summary.stopped = self._loop(study, started)

@@ -110,7 +110,8 @@ def test_launch_progress_is_a_bar_on_a_terminal_and_a_line_per_change_elsewhere(
     if terminal:
         assert "tiny: 100%" in shown and "2/2" in shown and "running=0" in shown
     else:  # three ticks, no change: one timestamped line
-        [line] = shown.splitlines()
+        [line] = [line for line in shown.splitlines() if "configurations done" in line]
+        assert "\r" not in shown
         assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d tiny: 2/2 configurations done, 0 running, 0 given up",
                             line)
 

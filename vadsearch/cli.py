@@ -202,7 +202,6 @@ def _parse_sets(items: list[str] | None) -> dict:
     """`KEY=VALUE` pairs; VALUE is read as a TOML value (2, 1e-3, true, "x"), else taken as text."""
     import tomllib
 
-
     values = {}
     for item in items or []:
         key, sep, raw = item.partition("=")

@@ -72,8 +72,8 @@ def _model(spec: Mapping[str, Any]) -> str | None:
 def _retried(failed: FrozenTrial, trials: Sequence[FrozenTrial]) -> dict[str, Any]:
     """The next trial of the same configuration, if any: `retried_as` (its number) and `retry_state`."""
     point = failed.user_attrs.get("point")
-    retry = next((t for t in trials if t.number > failed.number and point is not None
-                  and t.user_attrs.get("point") == point), None)
+    later = (t for t in trials if t.number > failed.number and t.user_attrs.get("point") == point)
+    retry = next(later, None) if point is not None else None
     return {"retried_as": retry.number if retry else None, "retry_state": retry.state.name if retry else None}
 
 

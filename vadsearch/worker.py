@@ -128,11 +128,13 @@ def survey(spec: StudySpec, trials: list[optuna.trial.FrozenTrial], max_stale_re
             point.settled = True
         elif trial.state in (TrialState.RUNNING, TrialState.WAITING):
             point.active = True
-        elif failures.kind(attrs) == failures.ERROR:
-            point.failures += 1
-        elif failures.kind(attrs) == failures.LOST:
-            point.stale += 1
-        # interrupted or a machine fault: not the configuration's fault, requeued without spending a retry
+        else:  # FAIL
+            cause = failures.kind(attrs)
+            if cause == failures.ERROR:
+                point.failures += 1
+            elif cause == failures.LOST:
+                point.stale += 1
+            # interrupted, or a machine fault: not the configuration's fault, requeued without spending a retry
     for point in points.values():
         if point.failures > spec.max_retries or point.stale > max_stale_retries:
             point.settled = True  # given up on: a failed point in the report, not an endless loop

@@ -351,13 +351,24 @@ def launch(
         except KeyboardInterrupt:
             typer.echo("interrupted: workers stopped; run the same command again to resume", err=True)
             raise typer.Exit(130)
-    failed = [i for i, code in enumerate(codes) if code != 0]
+    failed, gave_way = launcher.sort_exits(codes)
+    if gave_way:
+        typer.echo(f"note: worker(s) {', '.join(map(str, gave_way))} ran out of GPU memory and stopped, leaving "
+                   "the GPU to the others; their trials were queued again (next time, fewer --workers-per-gpu)",
+                   err=True)
     if failed:
         typer.echo(f"error: worker(s) {', '.join(map(str, failed))} exited with an error; see {log_dir}/", err=True)
         raise typer.Exit(1)
     from vadsearch import report as reports
+    from vadsearch.worker import progress
 
-    study = reports.load(_open(url), spec.name)
+    storage = _open(url)
+    settled = progress(storage, spec)[0]
+    if gave_way and timeout is None and settled < spec.max_trials:
+        typer.echo(f"error: {spec.name}: {settled}/{spec.max_trials} configurations done when the last worker "
+                   "stopped; run the same command again with fewer workers per GPU to finish it", err=True)
+        raise typer.Exit(1)
+    study = reports.load(storage, spec.name)
     typer.echo(reports.render(reports.leaderboard(study, top=10), "table"))
 
 

@@ -31,13 +31,25 @@ class StorageError(VadsearchError):
     exit_code = 3
 
 
-class CheckpointError(VadsearchError):
+class MachineFault(VadsearchError):
+    """This machine cannot run trials now, whatever the configuration: a worker that meets one stops, and
+    its trial is queued again without spending the configuration's retries."""
+
+
+class CheckpointError(MachineFault):
     """A checkpoint cannot be written (disk full, read-only directory)."""
 
     exit_code = 4
 
 
 class TrainingError(VadsearchError):
-    """Training cannot go on: the loss diverged to NaN or infinity."""
+    """Training cannot go on: the loss diverged to NaN or infinity, or the configuration alone does not
+    fit in the GPU's memory."""
 
     exit_code = 5
+
+
+class GpuMemoryError(MachineFault):
+    """The GPU ran out of memory while other processes held most of it: too many workers share it."""
+
+    exit_code = 6

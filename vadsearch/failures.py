@@ -1,9 +1,10 @@
 """Why a trial failed, read from what its worker stored: one reading for retries and for reports.
 
 A worker that catches the failure stores it with the trial's FAIL state (`worker.Worker._train_trial`):
-`interrupted` (Ctrl-C), `machine_fault` with a `fail_reason` (a checkpoint that could not be written), or
-a `fail_reason` alone (the configuration raised). A FAIL trial with none of them was failed by another
-worker because its heartbeat went stale: its own worker was killed or lost its machine.
+`interrupted` (Ctrl-C), `machine_fault` with a `fail_reason` (a checkpoint that could not be written, a GPU
+shared by too many workers ran out of memory), or a `fail_reason` alone (the configuration raised). A FAIL
+trial with none of them was failed by another worker because its heartbeat went stale: its own worker was
+killed or lost its machine.
 """
 
 from __future__ import annotations

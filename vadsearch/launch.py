@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vadsearch.errors import ConfigError
+from vadsearch.errors import ConfigError, GpuMemoryError
 
 log = logging.getLogger(__name__)
 
@@ -112,3 +112,12 @@ def wait(processes: list[subprocess.Popen], on_tick=None, tick: float = 1.0) -> 
         if on_tick:
             on_tick()
     return [p.returncode for p in processes]
+
+
+def sort_exits(codes: list[int]) -> tuple[list[int], list[int]]:
+    """(workers that failed, workers that stopped to leave an oversubscribed GPU to the others).
+
+    The second kind is no failure: its trial was queued again, and the workers left finish the study."""
+    gave_way = [i for i, code in enumerate(codes) if code == GpuMemoryError.exit_code]
+    failed = [i for i, code in enumerate(codes) if code not in (0, GpuMemoryError.exit_code)]
+    return failed, gave_way

@@ -7,8 +7,8 @@ searched parameters as canonical JSON). Each point's trials tell its story:
 - COMPLETE or PRUNED: settled, never run again;
 - WAITING or RUNNING: in hand;
 - FAIL with `fail_reason`: the configuration raised; requeued until `max_retries` is spent;
-- FAIL with `interrupted` or `machine_fault` (Ctrl-C; a checkpoint that could not be written): always
-  requeued, and the worker stops;
+- FAIL with `interrupted` or `machine_fault` (Ctrl-C; a checkpoint that could not be written, a GPU
+  shared by too many workers): always requeued, and the worker stops;
 - FAIL with neither: its worker died and its heartbeat went stale; requeued up to `max_stale_retries`
   (`vadsearch.failures` tells these apart, for reports too).
 
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vadsearch import failures
-from vadsearch.errors import CheckpointError, StudyFileError
+from vadsearch.errors import CheckpointError, MachineFault, StudyFileError
 from vadsearch.fit import fit
 from vadsearch.storage import (
     mask,
@@ -242,7 +242,7 @@ class Worker:
         self.summary = WorkerSummary(spec.name)
         self._corpus: Corpus | None = None
         self._taken_over: int | None = None  # a trial another worker took over from this one
-        self._machine_fault: CheckpointError | None = None  # disk full or read-only: stop after the trial
+        self._machine_fault: MachineFault | None = None  # disk full, GPU oversubscribed: stop after the trial
         self._storage = None
         self._outcome: _Outcome | None = None  # of the trial in hand; settled after Optuna stored it
         self._last_identity: tuple[str | None, dict[str, Any]] = (None, {})
@@ -355,7 +355,7 @@ class Worker:
                     raise self._machine_fault
             except QueueEmpty:  # another worker took the last waiting point; no trial was created
                 queue_empty = True
-            except CheckpointError:
+            except MachineFault:
                 raise
             except Exception as exc:
                 gave_up = getattr(self._storage, "gave_up", "")
@@ -466,9 +466,9 @@ class Worker:
         except KeyboardInterrupt:
             set_user_attrs_with_final_state(trial, {"interrupted": True})
             raise
-        except CheckpointError as exc:
+        except MachineFault as exc:
             set_user_attrs_with_final_state(
-                trial, {"fail_reason": f"CheckpointError: {exc}"[:500], "machine_fault": True})
+                trial, {"fail_reason": f"{type(exc).__name__}: {exc}"[:500], "machine_fault": True})
             self._machine_fault = exc
             raise
         except Exception as exc:

@@ -53,7 +53,7 @@ def run(values: int, epochs: int, epoch_s: float, background: bool, directory: P
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--values", type=int, default=110_000_000, help="model values (bert-base: 110M)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--epoch-s", type=float, default=5.0, help="seconds of stand-in training per epoch")

@@ -68,7 +68,7 @@ def random_vectors_file(dim: int = GLOVE_DIM) -> Path:
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", type=Path)
     parser.add_argument("--workers", type=int, default=6)
     parser.add_argument("--device", default="auto")

@@ -20,6 +20,7 @@ import statistics
 import tempfile
 import time
 import uuid
+import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -30,7 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def plain_optuna(storage_url: str, points: int) -> float:
     # The same storage settings as a worker's: heartbeats on (each trial then records one on start).
-    storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=10, grace_period=60)
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5: used knowingly, as workers do
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=10, grace_period=60)
     study = optuna.create_study(study_name=f"plain-{uuid.uuid4().hex[:8]}", storage=storage)
     for seed in range(points):
         study.enqueue_trial({"seed": seed})
@@ -91,7 +94,7 @@ def through_vadsearch(storage_url: str, points: int, data: Path, workdir: Path) 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--storage", help="database URL; default: a SQLite file in a temporary directory")
     parser.add_argument("--points", type=int, default=64)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "emobank.csv")

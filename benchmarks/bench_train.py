@@ -162,7 +162,7 @@ def compiled(args, config, mode: str, eager: dict) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="tiny models and a data subset: a smoke run")
     parser.add_argument("--workers", type=int, default=None, help="BERT trials at once (default 8; 2 with --small)")

@@ -94,3 +94,13 @@ def test_the_gpu_suite_asks_each_benchmark_only_for_what_it_takes(tmp_path):
     unknown = subprocess.run([str(BENCHMARKS / "gpu_suite.sh"), "nope"], env={**os.environ, "DRY_RUN": "1"},
                              capture_output=True, text=True)
     assert unknown.returncode == 2 and "unknown part: nope" in unknown.stderr
+
+
+@pytest.mark.parametrize("name", ["bench_checkpoint", "bench_grid", "bench_orchestration", "bench_train"])
+def test_each_benchmarks_help_carries_its_whole_description_and_examples(name):
+    shown = subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), "--help"], capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    description = " ".join(_load(name).__doc__.split("\n\n")[0].split())
+    assert description in " ".join(shown.stdout.split())  # not cut after its first line
+    assert f"python benchmarks/{name}.py" in shown.stdout  # the examples, with their line breaks

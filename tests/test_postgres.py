@@ -53,6 +53,10 @@ def test_four_launched_workers_finish_each_point_exactly_once(tmp_path, tiny_csv
         line = (rf"^\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d INFO vadsearch\.worker: "
                 rf"trial {trial.number}: epoch {trial.user_attrs['epochs_done']}/2  loss ")
         assert sum(bool(re.search(line, log, re.MULTILINE)) for log in logs) == 1
+    # Optuna's own messages come in the same format as ours: one format in a worker's log.
+    from_optuna = [line for log in logs for line in log.splitlines() if "finished with value" in line]
+    assert len(from_optuna) == 12, logs
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO optuna\.", line) for line in from_optuna)
 
     # Stock Optuna tools read the same storage.
     optuna_cli = str(Path(sys.executable).with_name("optuna"))

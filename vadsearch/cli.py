@@ -110,6 +110,15 @@ def _setup_logging(quiet: bool) -> None:
                         datefmt="%Y-%m-%d %H:%M:%S", handlers=[_CurrentStderr()], force=True)
 
 
+def _optuna_logging(level: int) -> None:
+    """Optuna's messages through our handler, in our timestamped format: one format in a worker's log."""
+    import optuna
+
+    optuna.logging.set_verbosity(level)
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+
+
 def _scores_line(label: str, scores) -> str:
     def r(value):
         return "  nan" if value != value else f"{value:+.3f}"
@@ -263,12 +272,10 @@ def worker(
       vadsearch worker studies/bert.toml --storage postgresql+psycopg://user:pw@db/vad --set model_name=PATH
     """
     _setup_logging(quiet)
-    import optuna
-
+    _optuna_logging(logging.WARNING if quiet else logging.INFO)
     from vadsearch import report as reports
     from vadsearch.worker import Worker, WorkerOptions
 
-    optuna.logging.set_verbosity(logging.WARNING if quiet else logging.INFO)
 
     from vadsearch.retention import check_keep
 
@@ -748,13 +755,11 @@ def reproduce(
     _setup_logging(quiet)
     if quiet:
         _quiet_models()
-    import optuna
-
+    _optuna_logging(logging.WARNING)
     from vadsearch import report as reports
     from vadsearch import reproduce as reproduction
     from vadsearch.retention import check_keep
 
-    optuna.logging.set_verbosity(logging.WARNING)
     options = reproduction.ReproduceOptions(
         storage=storage, artifacts=artifacts, data=data, device=device, out=out, quick=quick,
         model_name=model_name, carry_best=carry_best, studies_dir=studies_dir, keep=check_keep(keep),

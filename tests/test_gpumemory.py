@@ -190,3 +190,26 @@ def test_real_cuda_memory_readings_tell_a_crowded_card_from_a_configuration_too_
         torch.empty(total, dtype=torch.uint8, device=cuda)
     del mine
     torch.cuda.empty_cache()
+
+
+def test_a_trials_peak_gpu_memory_is_stored_and_reported_and_none_off_cuda(study, tmp_path, tiny_corpus):
+    from vadsearch.report import trials_frame
+
+    assert fit(TINY_LSTM, tiny_corpus, device="cpu").peak_gpu_mib is None
+    spec, url = study
+    Worker(spec, WorkerOptions(storage=url, artifacts=tmp_path / "art", device="cpu", progress=False,
+                               n_trials=1)).run()
+    [done] = [t for t in _trials(url) if t.state == TrialState.COMPLETE]
+    assert "peak_gpu_mib" in done.user_attrs and done.user_attrs["peak_gpu_mib"] is None
+    frame = trials_frame(optuna.load_study(study_name="oom", storage=url))
+    assert "peak_gpu_mib" in frame.columns
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_real_peak_gpu_memory_is_each_trials_own(tiny_corpus):
+    large = fit(dataclasses.replace(TINY_LSTM, hidden_size=1024, embedding_dim=512, max_epochs=1), tiny_corpus,
+                device="cuda")
+    small = fit(dataclasses.replace(TINY_LSTM, max_epochs=1), tiny_corpus, device="cuda")
+    total_mib = torch.cuda.mem_get_info()[1] / 2**20
+    assert 0 < small.peak_gpu_mib < large.peak_gpu_mib < total_mib  # reset between trials of one process

@@ -200,8 +200,9 @@ def train(
         typer.echo(json.dumps(result.as_dict(), indent=2))
         return
     if result.trainable_params:
+        memory = f"; {result.peak_gpu_mib:,.0f} MiB of GPU memory at most" if result.peak_gpu_mib is not None else ""
         typer.echo(f"best epoch {result.best_epoch} of {len(result.history)}; "
-                   f"{result.trainable_params:,} of {result.total_params:,} parameters trained")
+                   f"{result.trainable_params:,} of {result.total_params:,} parameters trained{memory}")
     typer.echo(_scores_line("dev", result.dev))
     if result.test is not None:
         typer.echo(_scores_line("test", result.test))

@@ -5,10 +5,14 @@ other processes on the card hold more of it than this one does, the configuratio
 card is oversubscribed. That worker stops, giving its memory to the others, and its trial is queued again
 without spending a retry (a `MachineFault`). When this process holds most of the card, the configuration
 does not fit on its own: an error of the configuration (`TrainingError`), retried and given up like one.
+
+Each trial also records the most memory its worker held (`peak_mib`), which tells how many such workers a
+card can take.
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -54,3 +58,20 @@ def blamed(device: torch.device) -> Iterator[None]:
             raise
         free, total, own = found
         raise blame(str(device), free=free, total=total, own=own) from None
+
+
+def reset_peak(device: torch.device) -> None:
+    """Before a trial: the memory an earlier trial of this process left in the allocator's cache goes
+    back to the card (for the other workers on it), and the peak counts this trial alone."""
+    if device.type == "cuda":
+        gc.collect()  # an earlier trial's model and optimizer, if a reference cycle still holds them
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_mib(device: torch.device) -> float | None:
+    """The most memory this process's allocator held on `device` since `reset_peak`: what a worker needs
+    of a shared card (reserved, not allocated: the cache is held too). None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_reserved(device) / 2**20, 1)

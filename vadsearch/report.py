@@ -152,7 +152,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     chosen = {t.number: _chosen_params(t) for t in trials}
     params = sorted({name for p in chosen.values() for name in p})
     columns = ["number", "state", "point", *(PARAM_PREFIX + p for p in params), "epochs_done", "best_epoch",
-               "dev_mse", *(f"dev_r_{d}" for d in DIMENSIONS), "worker", "seconds", "failure"]
+               "dev_mse", *(f"dev_r_{d}" for d in DIMENSIONS), "worker", "seconds", "peak_gpu_mib", "failure"]
     records = []
     for t in trials:
         attrs = t.user_attrs
@@ -168,6 +168,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             **{f"dev_r_{d}": _score(dev, f"r_{d}") for d in DIMENSIONS},
             "worker": attrs.get("worker"),
             "seconds": attrs.get("seconds"),
+            "peak_gpu_mib": attrs.get("peak_gpu_mib"),
             "failure": failures.describe(attrs) if t.state == TrialState.FAIL else None,
         })
     return _frame(records, columns)

@@ -48,6 +48,7 @@ class RunResult:
     total_params: int = 0
     trainable_names: tuple[str, ...] = field(default=(), repr=False)
     seconds: float = 0.0
+    peak_gpu_mib: float | None = None  # the most GPU memory this process held while training; None off CUDA
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +62,7 @@ class RunResult:
             "trainable_params": self.trainable_params,
             "total_params": self.total_params,
             "seconds": self.seconds,
+            "peak_gpu_mib": self.peak_gpu_mib,
         }
 
 

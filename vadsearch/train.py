@@ -25,7 +25,7 @@ from vadsearch.config import TrainConfig, check_device
 from vadsearch.data import Corpus
 from vadsearch.encoding import EncodedCorpus, EncodedSplit, encode_corpus
 from vadsearch.errors import ConfigError, TrainingError
-from vadsearch.gpumemory import blamed
+from vadsearch.gpumemory import blamed, peak_mib, reset_peak
 from vadsearch.metrics import score, train_means
 from vadsearch.results import EpochCallback, EpochResult, RunResult
 from vadsearch.seeding import capture_rng, restore_rng, seed_everything
@@ -241,6 +241,7 @@ def train(
     dev_device = resolve_device(device)
     if dev_device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 where fp32 remains
+    reset_peak(dev_device)  # a worker trains one trial after another in one process
     # With several workers on one GPU, running out of memory may be the card's fault, not the trial's.
     with blamed(dev_device):
         seed_everything(config.seed)
@@ -296,4 +297,5 @@ def train(
         total_params=n_total,
         trainable_names=tuple(names),
         seconds=time.perf_counter() - started,
+        peak_gpu_mib=peak_mib(dev_device),
     )

@@ -504,4 +504,5 @@ class Worker:
             "total_params": result.total_params,
             "resumed_from": result.resumed_from,
             "seconds": result.seconds,
+            "peak_gpu_mib": result.peak_gpu_mib,  # what a worker of this configuration needs of a shared GPU
         })

@@ -224,20 +224,21 @@ def test_worker_reserves_gpus_and_can_be_scaled():
     assert "artifacts:/artifacts" in worker["volumes"] and "cache:/cache" in worker["volumes"]
 
 
-@pytest.mark.parametrize(("gpus", "per_gpu", "workers"), [("0", "2", "2"), ("0,1,2,3", "3", "12")])
-def test_worker_command_runs_workers_per_gpu_through_vadsearch_launch(tmp_path, gpus, per_gpu, workers):
+@pytest.mark.parametrize(("gpus", "per_gpu", "workers", "mps"), [("0", "2", "2", "0"), ("0,1,2,3", "3", "12", "1")])
+def test_worker_command_runs_workers_per_gpu_through_vadsearch_launch(tmp_path, gpus, per_gpu, workers, mps):
     import typer.main
 
     from vadsearch.cli import app
 
-    worker = compose(GPUS=gpus, WORKERS_PER_GPU=per_gpu)["services"]["worker"]
+    worker = compose(GPUS=gpus, WORKERS_PER_GPU=per_gpu, MPS=mps)["services"]["worker"]
     script = worker["command"][0].replace("exec vadsearch", "printf '%s\\n'")  # the argv it would exec
     assert all(isinstance(v, str) for v in worker["environment"].values()), "quote them: YAML would read 0 as a number"
     env = {"PATH": os.environ["PATH"], **worker["environment"]}
     argv = subprocess.run([*worker["entrypoint"], script], env=env, capture_output=True, text=True,
                           check=True).stdout.splitlines()
     assert argv[:2] == ["launch", "studies/quickstart.toml"]
-    options = dict(zip(argv[2::2], argv[3::2]))
+    assert ("--mps" in argv) == (mps == "1") and argv.count("--mps") <= 1
+    options = dict(zip(argv[2::2], argv[3::2])) if mps == "0" else dict(zip(argv[2:-1:2], argv[3:-1:2]))
     assert options["--workers"] == workers and options["--gpus"] == gpus
     assert options["--artifacts"] == "/artifacts" and options["--log-dir"].startswith("/artifacts/logs/")
     launch = typer.main.get_command(app).commands["launch"]

@@ -54,8 +54,12 @@ def run(study: Path, workers: int, data: Path, device: str, sets: list[str], kee
     if keep_dir:
         shutil.copytree(work / "logs", keep_dir / "logs", dirs_exist_ok=True)
     shutil.rmtree(work, ignore_errors=True)
-    return {"wall_s": wall, "trials": len(trials), "complete": len(complete),
-            "mean_trial_s": sum(durations) / max(1, len(durations)), "best_dev": min(t.value for t in complete)}
+    row = {"wall_s": wall, "trials": len(trials), "complete": len(complete),
+           "mean_trial_s": sum(durations) / max(1, len(durations)), "best_dev": min(t.value for t in complete)}
+    peaks = [t.user_attrs["peak_gpu_mib"] for t in complete if t.user_attrs.get("peak_gpu_mib") is not None]
+    if peaks:  # on CUDA: the most memory one worker held, what --workers-per-gpu must fit
+        row["peak_gpu_mib_max"] = max(peaks)
+    return row
 
 
 def random_vectors_file(dim: int = GLOVE_DIM) -> Path:

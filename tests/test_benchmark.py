@@ -52,6 +52,7 @@ def test_a_whole_grid_runs_through_launch(tiny_csv, tiny_bert_dir):
     assert row["trials"] == row["complete"] == 6  # the report's 2 batch sizes x 3 learning rates
     assert 0 < row["mean_trial_s"] < row["wall_s"]
     assert 0 < row["best_dev"] < 10
+    assert "peak_gpu_mib_max" not in row  # a CPU run holds no GPU memory: no figure rather than a zero
 
 
 def test_checkpoint_benchmark_writes_both_ways():

@@ -275,10 +275,8 @@ def worker(
     _setup_logging(quiet)
     _optuna_logging(logging.WARNING if quiet else logging.INFO)
     from vadsearch import report as reports
-    from vadsearch.worker import Worker, WorkerOptions
-
-
     from vadsearch.retention import check_keep
+    from vadsearch.worker import Worker, WorkerOptions
 
     check_keep(keep)
     spec = _load_spec(study_file, data, sets)

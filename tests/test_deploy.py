@@ -224,8 +224,8 @@ def test_worker_reserves_gpus_and_can_be_scaled():
     assert "artifacts:/artifacts" in worker["volumes"] and "cache:/cache" in worker["volumes"]
 
 
-@pytest.mark.parametrize(("gpus", "per_gpu", "workers", "mps"), [("0", "2", "2", "0"), ("0,1,2,3", "3", "12", "1")])
-def test_worker_command_runs_workers_per_gpu_through_vadsearch_launch(tmp_path, gpus, per_gpu, workers, mps):
+@pytest.mark.parametrize(("gpus", "per_gpu", "mps"), [("0", "2", "0"), ("0,1,2,3", "3", "1"), ("0,1", "auto", "0")])
+def test_worker_command_runs_workers_per_gpu_through_vadsearch_launch(tmp_path, gpus, per_gpu, mps):
     import typer.main
 
     from vadsearch.cli import app
@@ -239,7 +239,7 @@ def test_worker_command_runs_workers_per_gpu_through_vadsearch_launch(tmp_path, 
     assert argv[:2] == ["launch", "studies/quickstart.toml"]
     assert ("--mps" in argv) == (mps == "1") and argv.count("--mps") <= 1
     options = dict(zip(argv[2::2], argv[3::2])) if mps == "0" else dict(zip(argv[2:-1:2], argv[3:-1:2]))
-    assert options["--workers"] == workers and options["--gpus"] == gpus
+    assert options["--workers-per-gpu"] == per_gpu and options["--gpus"] == gpus
     assert options["--artifacts"] == "/artifacts" and options["--log-dir"].startswith("/artifacts/logs/")
     launch = typer.main.get_command(app).commands["launch"]
     launch.make_context("launch", argv[1:])  # vadsearch accepts every option as given

@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 from vadsearch.errors import ConfigError
-from vadsearch.launch import LaunchPlan, parse_gpus, threads_per_worker, visible_devices
+from vadsearch.launch import (
+    AUTO_WORKERS_PER_GPU,
+    LaunchPlan,
+    auto_workers_per_gpu,
+    gpu_memory_mib,
+    parse_gpus,
+    parse_workers_per_gpu,
+    threads_per_worker,
+    visible_devices,
+)
 
 
 def test_workers_go_round_robin_over_the_gpus() -> None:
@@ -74,3 +83,76 @@ def test_gpu_indices_count_the_gpus_this_process_was_given(monkeypatch: pytest.M
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with pytest.raises(ConfigError, match="sees 0 GPU"):
         visible_devices(("0",))
+
+
+# ------------------------------------------------------------------------------ --workers-per-gpu auto
+
+
+def _nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> None:
+    """A stand-in nvidia-smi first on the PATH: a shell script with `body`."""
+    folder = tmp_path / "bin"
+    folder.mkdir(exist_ok=True)
+    script = folder / "nvidia-smi"
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+
+
+@pytest.mark.parametrize(("text", "parsed"), [(None, None), ("auto", "auto"), ("1", 1), ("12", 12)])
+def test_workers_per_gpu_is_a_number_or_auto(text, parsed) -> None:
+    assert parse_workers_per_gpu(text) == parsed
+
+
+@pytest.mark.parametrize("text", ["0", "-2", "many", "2.5", ""])
+def test_other_workers_per_gpu_are_one_line_errors(text) -> None:
+    with pytest.raises(ConfigError, match="--workers-per-gpu takes a number of workers"):
+        parse_workers_per_gpu(text)
+
+
+@pytest.mark.parametrize(("card", "peaks", "count"), [
+    (81920, [9000.0, 30000.0], 2),  # the largest trial decides: 30000 x 1.1 + a context each
+    (81920, [9000.0], 7),
+    (81920, [100.0], 16),  # at most 16: beyond that the CPU side, not memory, is the limit
+    (16000, [40000.0], 1),  # a card too small for one still runs one (it will say why it fails)
+])
+def test_auto_fits_the_largest_recorded_trial_with_room_to_spare(card, peaks, count) -> None:
+    chosen, why = auto_workers_per_gpu(card, peaks)
+    assert chosen == count and f"{card:,} MiB" in why and f"{max(peaks):,.0f} MiB" in why
+
+
+def test_auto_without_a_recorded_trial_starts_a_few_and_says_why() -> None:
+    chosen, why = auto_workers_per_gpu(81920, [])
+    assert chosen == AUTO_WORKERS_PER_GPU and "no trial of this study has recorded" in why
+
+
+def test_the_smallest_cards_memory_comes_from_nvidia_smi(tmp_path, monkeypatch) -> None:
+    _nvidia_smi(tmp_path, monkeypatch, 'echo 81559; echo 40960')
+    assert gpu_memory_mib() == 40960
+    _nvidia_smi(tmp_path, monkeypatch, 'echo "NVIDIA-SMI has failed" >&2; exit 9')
+    with pytest.raises(ConfigError, match="nvidia-smi, which failed .*give a number instead"):
+        gpu_memory_mib()
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="nvidia-smi, which failed"):
+        gpu_memory_mib()
+
+
+def test_launch_auto_sizes_from_the_studys_recorded_peak(tmp_path, tiny_csv, monkeypatch) -> None:
+    import optuna
+    from typer.testing import CliRunner
+
+    from search_helpers import write_study
+    from vadsearch.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    study_file = write_study(tmp_path / "auto.toml", name="auto", data=tiny_csv, search="hidden_size = [4]",
+                             max_epochs=1)
+    assert CliRunner().invoke(app, ["worker", str(study_file), "--device", "cpu", "-q"]).exit_code == 0
+    # A finished trial that needed 30,000 MiB (a CPU run records none), outside the grid.
+    study = optuna.load_study(study_name="auto", storage="sqlite:///vadsearch.db")
+    study.add_trial(optuna.create_trial(value=0.1, user_attrs={"peak_gpu_mib": 30000.0}))
+    _nvidia_smi(tmp_path, monkeypatch, "echo 81920")
+    result = CliRunner().invoke(app, ["launch", str(study_file), "--gpus", "0", "--workers-per-gpu", "auto",
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "2 worker(s) per GPU: GPUs of 81,920 MiB; a trial of this study peaked at 30,000 MiB" in result.output
+    assert "started 2 worker(s) on auto" in result.output

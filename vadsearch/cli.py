@@ -303,9 +303,9 @@ def launch(
     gpus: Annotated[Optional[str], typer.Option(
         help="GPU indices to spread the workers over, e.g. 0,1; counted among the GPUs this process sees "
              "(CUDA_VISIBLE_DEVICES), as CUDA counts them.")] = None,
-    workers_per_gpu: Annotated[
-        Optional[int], typer.Option(help="With --gpus: this many workers on each GPU (overrides --workers).")
-    ] = None,
+    workers_per_gpu: Annotated[Optional[str], typer.Option(
+        help="This many workers on each GPU of --gpus (overrides --workers); auto: as many as the card's memory "
+             "takes, judged by the most memory a finished trial of the study needed.", metavar="N|auto")] = None,
     storage: StorageOpt = None,
     timeout: Annotated[Optional[float], typer.Option(help="Workers start no new trial after this many seconds.")] = None,
     artifacts: ArtifactsOpt = Path("vadsearch-artifacts"),
@@ -325,6 +325,8 @@ def launch(
       vadsearch launch studies/lstm.toml --workers 8 --gpus 0,1
 
       vadsearch launch studies/bert.toml --gpus 0 --workers-per-gpu 8 --mps
+
+      vadsearch launch studies/bert.toml --gpus 0,1 --workers-per-gpu auto
     """
     _setup_logging(False)
     from vadsearch import launch as launcher
@@ -345,8 +347,13 @@ def launch(
     for item in sets or []:
         args += ["--set", item]
     gpu_list = launcher.visible_devices(launcher.parse_gpus(gpus))
-    if workers_per_gpu is not None:
-        workers = workers_per_gpu * max(1, len(gpu_list))  # one small trial does not fill a large GPU
+    per_gpu = launcher.parse_workers_per_gpu(workers_per_gpu)
+    if per_gpu == "auto":
+        per_gpu, why = launcher.auto_workers_per_gpu(launcher.gpu_memory_mib(),
+                                                     _recorded_peaks(url, spec.name))
+        typer.echo(f"{per_gpu} worker(s) per GPU: {why}")
+    if per_gpu is not None:
+        workers = per_gpu * max(1, len(gpu_list))  # one small trial does not fill a large GPU
     with mps_daemon(gpu_list, log_dir) if mps else contextlib.nullcontext(({}, False)) as (mps_env, renumbered):
         plan = launcher.LaunchPlan(study_file, workers, gpu_list, tuple(args), log_dir, storage=url,
                                    env=tuple(mps_env.items()), renumbered=renumbered)
@@ -416,6 +423,17 @@ def _open(storage: str | None):
     from vadsearch.storage import open_storage
 
     return open_storage(storage, create=False)
+
+
+def _recorded_peaks(url: str, study_name: str) -> list[float]:
+    from vadsearch.errors import StorageError
+    from vadsearch.launch import recorded_peaks
+
+    try:
+        storage = _open(url)
+    except StorageError:  # no database yet (or none reachable: the workers will say so)
+        return []
+    return recorded_peaks(storage, study_name)
 
 
 FAILURES_SHOWN = 5

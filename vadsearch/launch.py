@@ -121,3 +121,56 @@ def sort_exits(codes: list[int]) -> tuple[list[int], list[int]]:
     gave_way = [i for i, code in enumerate(codes) if code == GpuMemoryError.exit_code]
     failed = [i for i, code in enumerate(codes) if code not in (0, GpuMemoryError.exit_code)]
     return failed, gave_way
+
+
+AUTO_WORKERS_PER_GPU = 4  # before any trial of the study has recorded its peak memory
+MAX_AUTO_WORKERS_PER_GPU = 16
+CONTEXT_MIB = 512  # each process's CUDA context, beside what its allocator holds
+
+
+def parse_workers_per_gpu(text: str | None) -> int | str | None:
+    if text is None or text == "auto":
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise ConfigError(f"--workers-per-gpu takes a number of workers (1 or more) or auto; got {text!r}")
+
+
+def gpu_memory_mib() -> int:
+    """The smallest GPU's memory on this machine, from nvidia-smi: it opens no CUDA context, which would
+    hold memory in the launcher for the whole run. (The smallest: nvidia-smi and CUDA may number the
+    GPUs differently.)"""
+    try:
+        shown = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                               capture_output=True, text=True, timeout=60, check=True).stdout
+        sizes = [int(value) for value in shown.split()]
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        raise ConfigError(f"--workers-per-gpu auto reads the GPUs' memory with nvidia-smi, which failed "
+                          f"({type(exc).__name__}): give a number instead") from None
+    if not sizes:
+        raise ConfigError("--workers-per-gpu auto: nvidia-smi lists no GPU; give a number instead")
+    return min(sizes)
+
+
+def recorded_peaks(storage, study_name: str) -> list[float]:
+    """The peak GPU memory (MiB) of the study's finished trials; none for a new study."""
+    import optuna
+    from optuna.trial import TrialState
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return []
+    return [t.user_attrs["peak_gpu_mib"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs.get("peak_gpu_mib")]
+
+
+def auto_workers_per_gpu(card_mib: int, peaks: list[float]) -> tuple[int, str]:
+    """How many workers a card takes, from the most memory a trial of the study has needed, with a
+    tenth to spare; and why, in words for the launch's output."""
+    if not peaks:
+        return AUTO_WORKERS_PER_GPU, ("no trial of this study has recorded its GPU memory yet; a worker that runs "
+                                      "out of memory on a full card stops and leaves its trial to the others")
+    need = max(peaks) * 1.1 + CONTEXT_MIB
+    count = max(1, min(MAX_AUTO_WORKERS_PER_GPU, int(card_mib // need)))
+    return count, f"GPUs of {card_mib:,} MiB; a trial of this study peaked at {max(peaks):,.0f} MiB"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,5 @@ def test_launch_auto_sizes_from_the_studys_recorded_peak(tmp_path, tiny_csv, mon
     assert result.exit_code == 0, result.output
     assert "2 worker(s) per GPU: GPUs of 81,920 MiB; a trial of this study peaked at 30,000 MiB" in result.output
     assert "started 2 worker(s) on auto" in result.output
+    status = CliRunner().invoke(app, ["status"]).output
+    assert re.search(r"^auto \(lstm, grid\): .*; GPU memory per trial up to 30,000 MiB$", status, re.MULTILINE)

@@ -461,8 +461,10 @@ def status(storage: StorageOpt = None, fmt: FormatOpt = "table") -> None:
     if not rows:
         typer.echo("no studies yet: start one with `vadsearch worker STUDY_FILE`")
     for row in rows:
+        memory = f"; GPU memory per trial up to {row['peak_gpu_mib']:,.0f} MiB" if row["peak_gpu_mib"] else ""
         typer.echo(f"{row['name']} ({row['model']}, {row['sampler']}): {row['complete']}/{row['max_trials']} complete, "
-                   f"{row['running']} running, {row['waiting']} waiting, {row['fail']} failed, {row['pruned']} pruned")
+                   f"{row['running']} running, {row['waiting']} waiting, {row['fail']} failed, {row['pruned']} pruned"
+                   f"{memory}")
         for t in row["running_trials"]:
             of = f"/{t['max_epochs']}" if t["max_epochs"] else ""
             typer.echo(f"  trial {t['number']}: epoch {t['epochs_done'] or 0}{of} on {t['worker']}, "

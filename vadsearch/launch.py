@@ -155,14 +155,14 @@ def gpu_memory_mib() -> int:
 def recorded_peaks(storage, study_name: str) -> list[float]:
     """The peak GPU memory (MiB) of the study's finished trials; none for a new study."""
     import optuna
-    from optuna.trial import TrialState
+
+    from vadsearch.report import gpu_peaks
 
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         return []
-    return [t.user_attrs["peak_gpu_mib"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.user_attrs.get("peak_gpu_mib")]
+    return gpu_peaks(study.get_trials(deepcopy=False))
 
 
 def auto_workers_per_gpu(card_mib: int, peaks: list[float]) -> tuple[int, str]:

@@ -266,6 +266,7 @@ def status(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
             "trials": len(trials),
             **{state.lower(): counts[state] for state in STATES},
             "max_trials": spec.get("max_trials"),
+            "peak_gpu_mib": max(gpu_peaks(trials), default=None),  # what --workers-per-gpu must fit
             "running_trials": [
                 {
                     "number": t.number,
@@ -286,6 +287,12 @@ def status(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
             ],
         })
     return rows
+
+
+def gpu_peaks(trials: list[optuna.trial.FrozenTrial]) -> list[float]:
+    """The peak GPU memory (MiB) each finished trial's worker held; none off CUDA."""
+    return [t.user_attrs["peak_gpu_mib"] for t in trials
+            if t.state == TrialState.COMPLETE and t.user_attrs.get("peak_gpu_mib")]
 
 
 def _heartbeat_ages(storage: optuna.storages.BaseStorage) -> dict[tuple[str, int], float]:

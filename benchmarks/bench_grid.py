@@ -33,6 +33,8 @@ def run(study: Path, workers: int, data: Path, device: str, sets: list[str], kee
         launch_args: tuple[str, ...] = ()) -> dict:
     import optuna
 
+    from vadsearch.report import gpu_peaks
+
     work = Path(tempfile.mkdtemp(prefix="bench-grid-"))
     storage = f"sqlite:///{work / 'study.db'}"
     command = [sys.executable, "-m", "vadsearch.cli", "launch", str(study), "--workers", str(workers),
@@ -56,7 +58,7 @@ def run(study: Path, workers: int, data: Path, device: str, sets: list[str], kee
     shutil.rmtree(work, ignore_errors=True)
     row = {"wall_s": wall, "trials": len(trials), "complete": len(complete),
            "mean_trial_s": sum(durations) / max(1, len(durations)), "best_dev": min(t.value for t in complete)}
-    peaks = [t.user_attrs["peak_gpu_mib"] for t in complete if t.user_attrs.get("peak_gpu_mib") is not None]
+    peaks = gpu_peaks(trials)
     if peaks:  # on CUDA: the most memory one worker held, what --workers-per-gpu must fit
         row["peak_gpu_mib_max"] = max(peaks)
     return row

@@ -350,7 +350,7 @@ def launch(
     per_gpu = launcher.parse_workers_per_gpu(workers_per_gpu)
     if per_gpu == "auto":
         per_gpu, why = launcher.auto_workers_per_gpu(launcher.gpu_memory_mib(),
-                                                     _recorded_peaks(url, spec.name))
+                                                     launcher.recorded_peaks(url, spec.name))
         typer.echo(f"{per_gpu} worker(s) per GPU: {why}")
     if per_gpu is not None:
         workers = per_gpu * max(1, len(gpu_list))  # one small trial does not fill a large GPU
@@ -376,11 +376,13 @@ def launch(
     from vadsearch.worker import progress
 
     storage = _open(url)
-    settled = progress(storage, spec)[0]
-    if gave_way and timeout is None and settled < spec.max_trials:
-        typer.echo(f"error: {spec.name}: {settled}/{spec.max_trials} configurations done when the last worker "
-                   "stopped; run the same command again with fewer workers per GPU to finish it", err=True)
-        raise typer.Exit(1)
+    if gave_way and timeout is None:  # the study may be left unfinished when the last worker stopped
+        settled = progress(storage, spec)[0]
+        if settled < spec.max_trials:
+            typer.echo(f"error: {spec.name}: {settled}/{spec.max_trials} configurations done when the last "
+                       "worker stopped; run the same command again with fewer workers per GPU to finish it",
+                       err=True)
+            raise typer.Exit(1)
     study = reports.load(storage, spec.name)
     typer.echo(reports.render(reports.leaderboard(study, top=10), "table"))
 
@@ -423,17 +425,6 @@ def _open(storage: str | None):
     from vadsearch.storage import open_storage
 
     return open_storage(storage, create=False)
-
-
-def _recorded_peaks(url: str, study_name: str) -> list[float]:
-    from vadsearch.errors import StorageError
-    from vadsearch.launch import recorded_peaks
-
-    try:
-        storage = _open(url)
-    except StorageError:  # no database yet (or none reachable: the workers will say so)
-        return []
-    return recorded_peaks(storage, study_name)
 
 
 FAILURES_SHOWN = 5

@@ -152,15 +152,17 @@ def gpu_memory_mib() -> int:
     return min(sizes)
 
 
-def recorded_peaks(storage, study_name: str) -> list[float]:
+def recorded_peaks(url: str, study_name: str) -> list[float]:
     """The peak GPU memory (MiB) of the study's finished trials; none for a new study."""
     import optuna
 
+    from vadsearch.errors import StorageError
     from vadsearch.report import gpu_peaks
+    from vadsearch.storage import open_storage
 
     try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
+        study = optuna.load_study(study_name=study_name, storage=open_storage(url, create=False))
+    except (StorageError, KeyError):  # no database or no study yet (or none reachable: the workers will say so)
         return []
     return gpu_peaks(study.get_trials(deepcopy=False))
 

@@ -244,47 +244,59 @@ def train(
     reset_peak(dev_device)  # a worker trains one trial after another in one process
     # With several workers on one GPU, running out of memory may be the card's fault, not the trial's.
     with blamed(dev_device):
-        seed_everything(config.seed)
-        encoded = encode_corpus(config, corpus)
-        from vadsearch.models import build_model, trainable_parameters
+        return _train_on(dev_device, config, corpus, run_dir, on_epoch, progress, started)
 
-        model = build_model(config, encoded, train_means(corpus)).to(dev_device)
-        names, n_trainable, n_total = trainable_parameters(model)
-        if n_trainable == 0:
-            raise ConfigError("nothing to train: every parameter is frozen")
-        optimizer = _optimizer(config, model, dev_device)
-        scheduler = _scheduler(config, optimizer, math.ceil(len(encoded.train) / config.batch_size))
 
-        run = _Run(config, corpus.sha256, encoded, model, optimizer, scheduler, dev_device)
-        directory = RunDirectory(run_dir) if run_dir is not None else None
-        checkpoint = directory.load(config.fingerprint(), corpus.sha256) if directory else None
-        if checkpoint and checkpoint["best_epoch"] > config.max_epochs:
-            # Trained further than this budget, and its best epoch lies beyond it: those weights are not
-            # what a run of max_epochs would have produced.
-            directory.discard(f"their best epoch {checkpoint['best_epoch']} is beyond max_epochs {config.max_epochs}")
-            checkpoint = None
-        if checkpoint:
-            run.restore(checkpoint)
-        resumed_from = len(run.history)
-        for restored in run.history:
-            if on_epoch:
-                on_epoch(dataclasses.replace(restored, restored=True))
+def _train_on(
+    dev_device: torch.device,
+    config: TrainConfig,
+    corpus: Corpus,
+    run_dir: str | Path | None,
+    on_epoch: EpochCallback | None,
+    progress: bool,
+    started: float,
+) -> RunResult:
+    seed_everything(config.seed)
+    encoded = encode_corpus(config, corpus)
+    from vadsearch.models import build_model, trainable_parameters
 
-        writer = BackgroundWriter(directory) if directory else None
-        try:
-            stopped_early = _epochs(run, writer, on_epoch, progress)
-        except BaseException:
-            if writer:
-                try:
-                    writer.wait()  # the last epoch that was saved stays resumable
-                except Exception as exc:
-                    log.warning("the last checkpoint was not written either: %s", exc)
-            raise
+    model = build_model(config, encoded, train_means(corpus)).to(dev_device)
+    names, n_trainable, n_total = trainable_parameters(model)
+    if n_trainable == 0:
+        raise ConfigError("nothing to train: every parameter is frozen")
+    optimizer = _optimizer(config, model, dev_device)
+    scheduler = _scheduler(config, optimizer, math.ceil(len(encoded.train) / config.batch_size))
 
-        model.load_state_dict(run.best_model)
-        test = None
-        if len(encoded.test):
-            test = score(predict(model, encoded.test, config.eval_batch_size, dev_device), encoded.test.targets)
+    run = _Run(config, corpus.sha256, encoded, model, optimizer, scheduler, dev_device)
+    directory = RunDirectory(run_dir) if run_dir is not None else None
+    checkpoint = directory.load(config.fingerprint(), corpus.sha256) if directory else None
+    if checkpoint and checkpoint["best_epoch"] > config.max_epochs:
+        # Trained further than this budget, and its best epoch lies beyond it: those weights are not
+        # what a run of max_epochs would have produced.
+        directory.discard(f"their best epoch {checkpoint['best_epoch']} is beyond max_epochs {config.max_epochs}")
+        checkpoint = None
+    if checkpoint:
+        run.restore(checkpoint)
+    resumed_from = len(run.history)
+    for restored in run.history:
+        if on_epoch:
+            on_epoch(dataclasses.replace(restored, restored=True))
+
+    writer = BackgroundWriter(directory) if directory else None
+    try:
+        stopped_early = _epochs(run, writer, on_epoch, progress)
+    except BaseException:
+        if writer:
+            try:
+                writer.wait()  # the last epoch that was saved stays resumable
+            except Exception as exc:
+                log.warning("the last checkpoint was not written either: %s", exc)
+        raise
+
+    model.load_state_dict(run.best_model)
+    test = None
+    if len(encoded.test):
+        test = score(predict(model, encoded.test, config.eval_batch_size, dev_device), encoded.test.targets)
     return RunResult(
         config=config,
         best_epoch=run.best_epoch,

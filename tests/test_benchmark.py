@@ -81,20 +81,87 @@ def test_an_lstm_grid_runs_on_stand_in_vectors(tiny_csv, tmp_path):
     assert row["trials"] == row["complete"] == 2
 
 
+def gpu_suite(*parts: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BENCHMARKS / "gpu_suite.sh"), *parts], capture_output=True, text=True,
+                          env={**os.environ, "DRY_RUN": "1", **env})
+
+
+def planned(listed: str) -> dict[str, tuple[int, str]]:
+    """A dry run's lines `NAME [LIMIT s]: COMMAND` (or `NAME: skipped, ...`) as {name: (limit, command)}."""
+    plan = {}
+    for line in listed.splitlines():
+        head, command = line.split(": ", 1)
+        name, _, limit = head.partition(" [")
+        plan[name] = (int(limit.removesuffix(" s]")) if limit else 0, command)
+    return plan
+
+
 def test_the_gpu_suite_asks_each_benchmark_only_for_what_it_takes(tmp_path):
-    listed = subprocess.run([str(BENCHMARKS / "gpu_suite.sh")], capture_output=True, text=True, check=True,
-                            env={**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path)}).stdout.splitlines()
-    parts = dict(line.split(": ", 1) for line in listed)
-    assert list(parts) == ["tests", "bert", "grid-bert", "lstm", "grid-lstm"]
-    for command in parts.values():
+    listed = gpu_suite(OUT=str(tmp_path), BUDGET_S="100000")
+    assert listed.returncode == 0, listed.stderr
+    plan = planned(listed.stdout)
+    assert list(plan) == ["tests", "bert", "grid-bert", "lstm", "grid-lstm"]
+    for _, command in plan.values():
         argv = shlex.split(command)
         if argv[1].startswith("benchmarks/"):
             bench = _load(Path(argv[1]).stem)
             bench.parser().parse_args(argv[2:])  # an unknown or misspelt flag exits here
-    assert "--graphs" in parts["bert"] and "--mps" in parts["grid-bert"]
-    unknown = subprocess.run([str(BENCHMARKS / "gpu_suite.sh"), "nope"], env={**os.environ, "DRY_RUN": "1"},
-                             capture_output=True, text=True)
-    assert unknown.returncode == 2 and "unknown part: nope" in unknown.stderr
+    assert "--graphs" in plan["bert"][1] and "--mps" in plan["grid-bert"][1]
+    # The GPU tests, and only their modules: the others import what the GPU machine lacks.
+    gpu_modules = {arg for arg in shlex.split(plan["tests"][1]) if arg.startswith("tests/")}
+    assert "tests/test_step.py" in gpu_modules and "tests/test_postgres.py" not in gpu_modules
+    unknown = gpu_suite("tests", "nope")
+    assert unknown.returncode == 2 and "unknown part: nope" in unknown.stderr and not unknown.stdout
+
+
+def test_the_gpu_suite_fits_its_parts_into_one_budget(tmp_path):
+    # Counted as if each part ran to its limit: tests takes its 180 s, bert the 220 s left of 400 (its
+    # own limit is 600), and grid-bert, with nothing left, is skipped rather than started.
+    plan = planned(gpu_suite("tests", "bert", "grid-bert", OUT=str(tmp_path), BUDGET_S="400").stdout)
+    assert {name: limit for name, (limit, _) in plan.items()} == {"tests": 180, "bert": 220, "grid-bert": 0}
+    assert plan["grid-bert"][1] == "skipped, 0 s of the 400 s budget left"
+    # A part that would get less than MIN_PART_S is skipped too; one limit for all parts still fits the budget.
+    plan = planned(gpu_suite("tests", "lstm", OUT=str(tmp_path), BUDGET_S="230", MIN_PART_S="60").stdout)
+    assert plan["tests"][0] == 180 and plan["lstm"][1].startswith("skipped, 50 s")
+    plan = planned(gpu_suite("bert", "lstm", OUT=str(tmp_path), BUDGET_S="150", PART_LIMIT_S="100").stdout)
+    assert plan["bert"][0] == 100 and plan["lstm"][1].startswith("skipped")
+    assert not list(tmp_path.iterdir())  # a dry run writes no summary
+
+
+def test_staging_gives_the_gpu_machine_the_corpus_model_tokens_and_wheels(tmp_path, tiny_csv, monkeypatch):
+    shared, root = tmp_path / "shared", tmp_path / "checkout"
+    (shared / "data").mkdir(parents=True)
+    (shared / "data" / "emobank.csv").write_bytes(tiny_csv.read_bytes())
+    model = shared / "models" / "minilm-l6-h384-uncased-fp16"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    model.chmod(0o555)  # read-only, as ../shared is
+    (shared / "tools").mkdir()
+    wheels = shared / "tools" / "device-wheels.sh"  # the real one downloads; this one records its call
+    wheels.write_text('#!/bin/sh\nmkdir -p .whl && echo "$@" > .whl/asked\n')
+    wheels.chmod(0o755)
+    root.mkdir()
+    staged = subprocess.run([str(BENCHMARKS / "stage_gpu.sh")], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "SHARED": str(shared), "ROOT": str(root), "PYTHON": sys.executable})
+    assert staged.returncode == 0, staged.stderr
+    assert (root / ".gpu" / "emobank.csv").read_bytes() == tiny_csv.read_bytes()
+    assert (root / ".gpu" / "minilm" / "config.json").read_text() == "{}"
+    assert (root / ".whl" / "asked").read_text().split() == ["core"]
+
+    # The GPU machine has no spaCy: the LSTM's tokens must come from the staged cache alone.
+    from vadsearch import wordcache
+    from vadsearch.data import load_corpus
+
+    monkeypatch.setenv("VADSEARCH_CACHE", str(root / ".gpu" / "cache"))
+    monkeypatch.setattr(wordcache, "spacy_version", lambda: None)
+    corpus = load_corpus(root / ".gpu" / "emobank.csv")
+
+    def no_spacy(texts, lowercase):
+        raise AssertionError("tokenized again instead of reading the staged tokens")
+
+    for lowercase in (True, False):
+        tokens = wordcache.corpus_tokens(corpus, lowercase, no_spacy)
+        assert len(tokens["train"]) == len(corpus.train.texts) and tokens["train"][0]
 
 
 @pytest.mark.parametrize("name", ["bench_checkpoint", "bench_grid", "bench_orchestration", "bench_train"])

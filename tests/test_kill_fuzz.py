@@ -32,10 +32,14 @@ KILLS = 12
 WINDOWS = ("save", "finish", "epoch")  # targeted in turn
 
 
-def run_worker(cwd: Path, study: Path, storage: str, artifacts: str, fault_dir: Path) -> subprocess.Popen:
-    env = {**os.environ, "VADSEARCH_FAULT_DIR": str(fault_dir), "OMP_NUM_THREADS": "1"}
+def run_worker(cwd: Path, study: Path, storage: str, artifacts: str, fault_dir: Path | None) -> subprocess.Popen:
+    """A worker with its fault windows widened, or (no `fault_dir`) a plain one."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    program = [str(FAULT_WORKER)] if fault_dir else ["-m", "vadsearch.cli"]
+    if fault_dir:
+        env["VADSEARCH_FAULT_DIR"] = str(fault_dir)
     return subprocess.Popen(
-        [sys.executable, str(FAULT_WORKER), "worker", str(study), "--storage", storage, "--artifacts", artifacts,
+        [sys.executable, *program, "worker", str(study), "--storage", storage, "--artifacts", artifacts,
          "--device", "cpu", "-q", "--heartbeat-interval", "1", "--grace-period", "2"],
         cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -62,7 +66,18 @@ def kill_inside(worker: subprocess.Popen, fault_dir: Path, window: str, rng: ran
     return open_windows[0] if open_windows else "epoch"
 
 
-def test_many_kills_lose_nothing_and_run_nothing_twice(tmp_path):
+@pytest.fixture
+def spawned():
+    """Processes a test leaves running, if it fails before waiting for them: killed at its end."""
+    processes: list[subprocess.Popen] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_many_kills_lose_nothing_and_run_nothing_twice(tmp_path, spawned):
     corpus = write_csv(tmp_path / "corpus.csv", synthetic_rows(1500, 100, 100, seed=4))
     # Enough work (6 points x 6 epochs) that the study is still open when the last kill lands.
     study_file = write_study(tmp_path / "fuzz.toml", name="fuzz", data=corpus, max_epochs=6,
@@ -71,6 +86,9 @@ def test_many_kills_lose_nothing_and_run_nothing_twice(tmp_path):
     fault_dir.mkdir()
     storage = f"sqlite:///{tmp_path}/fuzz.db"
     rng = random.Random(0)
+    # The same grid, uninterrupted, in its own database, alongside (one thread each): the scores to match.
+    reference = run_worker(tmp_path, study_file, f"sqlite:///{tmp_path}/ref.db", "ref-art", None)
+    spawned.append(reference)
 
     died_in = Counter()
     attempts = 0
@@ -104,9 +122,9 @@ def test_many_kills_lose_nothing_and_run_nothing_twice(tmp_path):
                 assert trial.user_attrs["resumed_from"] >= reached, "a retry went back before its checkpoint"
             reached = max([reached, *trial.intermediate_values])
 
-    # The same grid, uninterrupted, in its own database: per-epoch dev scores must match exactly.
-    reference = run_worker(tmp_path, study_file, f"sqlite:///{tmp_path}/ref.db", "ref-art", fault_dir)
-    assert reference.communicate(timeout=600)[0] is not None and reference.returncode == 0
+    # Per-epoch dev scores must match the uninterrupted run's exactly.
+    reference_output = reference.communicate(timeout=600)[0]
+    assert reference.returncode == 0, reference_output
     ref = optuna.load_study(study_name="fuzz", storage=open_storage(f"sqlite:///{tmp_path}/ref.db"))
     expected = {t.user_attrs["point"]: t.intermediate_values for t in ref.get_trials(states=(TrialState.COMPLETE,))}
     got = {t.user_attrs["point"]: t.intermediate_values for t in study.get_trials(states=(TrialState.COMPLETE,))}

@@ -27,15 +27,16 @@ CPU = torch.device("cpu")
 class ReplayByRerun:
     """A capture stand-in: warm-ups run the body, and a replay runs it again on the static inputs."""
 
-    def __init__(self, fail_at: int | None = None) -> None:
+    def __init__(self, fail_at: int | None = None,
+                 error: RuntimeError = RuntimeError("operation not permitted when stream is capturing")) -> None:
         self.warmups: list[int] = []
-        self.fail_at = fail_at
+        self.fail_at, self.error = fail_at, error
 
     def __call__(self, body, warmup_steps):
         for _ in range(warmup_steps):
             body()
         if self.fail_at is not None and len(self.warmups) == self.fail_at:
-            raise RuntimeError("operation not permitted when stream is capturing")
+            raise self.error
         self.warmups.append(warmup_steps)
         return body
 
@@ -113,6 +114,18 @@ def test_a_step_that_cannot_be_captured_trains_eagerly(
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warnings == [("training without CUDA graphs: this model's step cannot be captured "
                          "(operation not permitted when stream is capturing)")]
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB"),
+                                   RuntimeError("CUDA error: out of memory")])
+def test_running_out_of_memory_while_capturing_is_raised_not_taken_for_an_uncapturable_step(
+    tiny_bert_dir: str, tiny_corpus: Corpus, error: RuntimeError
+) -> None:
+    config, encoded, model, optimizer = _setup(tiny_bert_dir, tiny_corpus)
+    step = GraphedStep(model, CPU, ReplayByRerun(fail_at=1, error=error))
+    with pytest.raises(type(error), match="out of memory"):  # on to gpumemory.blamed, which says whose fault
+        _train(step, model, optimizer, encoded, config, epochs=1)
+    assert not step.failed
 
 
 def test_a_trainable_tensor_the_forward_never_reaches_keeps_the_step_eager(

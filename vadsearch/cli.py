@@ -377,12 +377,13 @@ def launch(
 
     storage = _open(url)
     if gave_way and timeout is None:  # the study may be left unfinished when the last worker stopped
-        settled = progress(storage, spec)[0]
-        if settled < spec.max_trials:
-            typer.echo(f"error: {spec.name}: {settled}/{spec.max_trials} configurations done when the last "
-                       "worker stopped; run the same command again with fewer workers per GPU to finish it",
-                       err=True)
-            raise typer.Exit(1)
+        settled, running, _ = progress(storage, spec)
+        verdict = launcher.unfinished(spec.name, settled, spec.max_trials, running, workers, len(gave_way),
+                                      len(gpu_list))
+        if verdict:
+            code, message = verdict
+            typer.echo(message, err=True)
+            raise typer.Exit(code)
     study = reports.load(storage, spec.name)
     typer.echo(reports.render(reports.leaderboard(study, top=10), "table"))
 

@@ -29,6 +29,11 @@ def kind(attrs: Mapping[str, Any]) -> str:
     return LOST
 
 
+def gave_way(attrs: Mapping[str, Any]) -> bool:
+    """Whether the trial's worker stopped because the GPU it shared with other workers ran out of memory."""
+    return kind(attrs) == MACHINE_FAULT and str(attrs.get("fail_reason", "")).startswith("GpuMemoryError")
+
+
 def describe(attrs: Mapping[str, Any]) -> str:
     """The failure of a FAIL trial in words, for reports."""
     found = kind(attrs)

@@ -123,6 +123,24 @@ def sort_exits(codes: list[int]) -> tuple[list[int], list[int]]:
     return failed, gave_way
 
 
+def unfinished(study: str, settled: int, total: int, running: int, workers: int, gave_way: int,
+               gpus: int) -> tuple[int, str] | None:
+    """After `gave_way` of the launch's workers gave their GPU to the others and the rest stopped: None if
+    the study is finished, else (exit code, what to say)."""
+    if settled >= total:
+        return None
+    done = f"{study}: {settled}/{total} configurations done when the last worker here stopped"
+    if running:
+        # Workers elsewhere (another launch, another container) hold the card and go on with the study:
+        # failing would only make a supervisor restart this launch into the same crowd.
+        return 0, f"note: {done}; {running} trial(s) run on elsewhere (`vadsearch status` shows them)"
+    per_gpu = max(1, workers // max(1, gpus))
+    if per_gpu == 1:
+        return 1, f"error: {done}; other processes fill the GPU: free it, then run the same command again"
+    fitted = max(1, (workers - gave_way) // max(1, gpus))  # the workers that fit beside the others
+    return 1, f"error: {done}; run it again with --workers-per-gpu {fitted} to finish the study"
+
+
 AUTO_WORKERS_PER_GPU = 4  # before any trial of the study has recorded its peak memory
 MAX_AUTO_WORKERS_PER_GPU = 16
 CONTEXT_MIB = 512  # each process's CUDA context, beside what its allocator holds

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vadsearch.gpumemory import out_of_memory
+
 log = logging.getLogger(__name__)
 
 GRAPHS_ENV = "VADSEARCH_CUDA_GRAPHS"
@@ -144,6 +146,8 @@ class GraphedStep:
             shape.replay = self.capture(lambda: self._body(shape),
                                         LATER_WARMUP_STEPS if self.shapes else FIRST_WARMUP_STEPS - 1)
         except RuntimeError as exc:
+            if out_of_memory(exc):
+                raise  # the card is full, not the capture impossible: `gpumemory.blamed` says whose fault
             self._give_up((str(exc).splitlines() or [type(exc).__name__])[0])
             return None
         self.shapes[tuple(ids.shape)] = shape

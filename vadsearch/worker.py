@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vadsearch import failures
-from vadsearch.errors import CheckpointError, MachineFault, StudyFileError
+from vadsearch.errors import CheckpointError, GpuMemoryError, MachineFault, StudyFileError, TrainingError
 from vadsearch.fit import fit
 from vadsearch.storage import (
     mask,
@@ -234,6 +234,13 @@ class _NoTracebacks(logging.Filter):
 _NO_TRACEBACKS = _NoTracebacks()
 
 
+# What a worker adds to a machine fault's message: what happens to it and to its trial.
+_STOPS_BECAUSE = {
+    GpuMemoryError: "; this worker stops so that the others can go on, and its trial is queued again without "
+                    "spending a retry",
+}
+
+
 class Worker:
     def __init__(self, spec: StudySpec, options: WorkerOptions) -> None:
         self.spec = spec
@@ -247,6 +254,7 @@ class Worker:
         self._outcome: _Outcome | None = None  # of the trial in hand; settled after Optuna stored it
         self._last_identity: tuple[str | None, dict[str, Any]] = (None, {})
         self._device = "none (no model to train)"
+        self._torch_device = None  # where trials train, once torch is loaded: its memory is released after each
 
     # --- before the first trial: everything that could fail for every trial fails here, once -----
     def preflight(self) -> None:
@@ -260,7 +268,8 @@ class Worker:
         if {c.model for c in configs} | set(choices.get("model", ())) != {"baseline"}:
             from vadsearch.train import describe_device, resolve_device  # loads torch
 
-            self._device = describe_device(resolve_device(self.options.device))  # and the device exists
+            self._torch_device = resolve_device(self.options.device)  # and the device exists
+            self._device = describe_device(self._torch_device)
         corpus = load_emobank(self.options.data or self.spec.data_path)
         if self.spec.data_subset:
             corpus = corpus.subset(*self.spec.data_subset, seed=self.spec.seed)
@@ -348,6 +357,10 @@ class Worker:
             try:
                 self._outcome = None
                 study.optimize(self._objective, n_trials=1, catch=(Exception,))
+                if self._torch_device is not None:
+                    from vadsearch.gpumemory import release
+
+                    release(self._torch_device)  # not held through a wait, nor counted against the next trial
                 self._settle(study)
                 if self._machine_fault is not None:
                     # Every trial here would fail the same way: requeue this one and stop, saying why.
@@ -467,15 +480,34 @@ class Worker:
             set_user_attrs_with_final_state(trial, {"interrupted": True})
             raise
         except MachineFault as exc:
+            if isinstance(exc, GpuMemoryError) and self._gave_way_before(trial, point_key(params)):
+                # Out of memory on a shared card for the second time: most likely a configuration that needs
+                # more than a share, so its own error from now on (retried, then given up), and the worker
+                # goes on. Otherwise it would stop one worker after another, spending nothing.
+                error = TrainingError(f"{exc}; this configuration ran out of GPU memory on a shared card before "
+                                      "too, so it counts as its own error")
+                set_user_attrs_with_final_state(trial, {"fail_reason": f"TrainingError: {error}"[:500]})
+                raise error from None
+            # A new exception, never raised here, holds no traceback: the one torch raised holds the
+            # trial's model and optimizer on the GPU until the worker exits.
+            fault = type(exc)(f"{exc}{_STOPS_BECAUSE.get(type(exc), '')}")
             set_user_attrs_with_final_state(
-                trial, {"fail_reason": f"{type(exc).__name__}: {exc}"[:500], "machine_fault": True})
-            self._machine_fault = exc
+                trial, {"fail_reason": f"{type(fault).__name__}: {fault}"[:500], "machine_fault": True})
+            self._machine_fault = fault
             raise
         except Exception as exc:
             reason = " ".join(str(exc).split()) or type(exc).__name__
             set_user_attrs_with_final_state(trial, {"fail_reason": f"{type(exc).__name__}: {reason}"[:500]})
             raise
         return result.dev.mse
+
+    @staticmethod
+    def _gave_way_before(trial: optuna.Trial, key: str) -> bool:
+        """Whether this configuration already stopped a worker by running out of memory on a shared GPU."""
+        from optuna.trial import TrialState
+
+        return any(t.number != trial.number and t.user_attrs.get("point") == key and failures.gave_way(t.user_attrs)
+                   for t in trial.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
 
     def _identity(self, params: dict[str, Any]) -> dict[str, Any]:
         """Who runs a configuration and where its checkpoints go: known before the trial trains."""

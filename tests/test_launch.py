@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from vadsearch import launch as launch_module
 from vadsearch.errors import ConfigError
 from vadsearch.launch import (
     AUTO_WORKERS_PER_GPU,
@@ -89,14 +90,15 @@ def test_gpu_indices_count_the_gpus_this_process_was_given(monkeypatch: pytest.M
 # ------------------------------------------------------------------------------ --workers-per-gpu auto
 
 
-def _nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> None:
-    """A stand-in nvidia-smi first on the PATH: a shell script with `body`."""
-    folder = tmp_path / "bin"
-    folder.mkdir(exist_ok=True)
-    script = folder / "nvidia-smi"
-    script.write_text(f"#!/bin/sh\n{body}\n")
-    script.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+def _cards(monkeypatch: pytest.MonkeyPatch, sizes_mib: dict[str, int] | str) -> None:
+    """A stand-in for the CUDA probe: the memory of each card the launch's CUDA_VISIBLE_DEVICES names (all
+    of them when unset), or `sizes_mib` as the probe's whole program."""
+    program = sizes_mib if isinstance(sizes_mib, str) else (
+        "import os\n"
+        f"sizes = {sizes_mib!r}\n"
+        "for gpu in os.environ.get('CUDA_VISIBLE_DEVICES', ','.join(sizes)).split(','):\n"
+        "    print(sizes[gpu] * 2**20)\n")
+    monkeypatch.setattr(launch_module, "MEMORY_PROBE", program)
 
 
 @pytest.mark.parametrize(("text", "parsed"), [(None, None), ("auto", "auto"), ("1", 1), ("12", 12)])
@@ -126,15 +128,24 @@ def test_auto_without_a_recorded_trial_starts_a_few_and_says_why() -> None:
     assert chosen == AUTO_WORKERS_PER_GPU and "no trial of this study has recorded" in why
 
 
-def test_the_smallest_cards_memory_comes_from_nvidia_smi(tmp_path, monkeypatch) -> None:
-    _nvidia_smi(tmp_path, monkeypatch, 'echo 81559; echo 40960')
-    assert gpu_memory_mib() == 40960
-    _nvidia_smi(tmp_path, monkeypatch, 'echo "NVIDIA-SMI has failed" >&2; exit 9')
-    with pytest.raises(ConfigError, match="nvidia-smi, which failed .*give a number instead"):
-        gpu_memory_mib()
-    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
-    with pytest.raises(ConfigError, match="nvidia-smi, which failed"):
-        gpu_memory_mib()
+def test_the_card_size_is_the_smallest_of_the_launchs_own_gpus(monkeypatch) -> None:
+    # A large card beside a small display GPU: only the cards the workers get count.
+    _cards(monkeypatch, {"0": 4096, "1": 81559, "2": 81920})
+    assert gpu_memory_mib(("1", "2")) == 81559
+    assert gpu_memory_mib(("2",)) == 81920
+    assert gpu_memory_mib() == 4096  # no --gpus: every visible card
+    _cards(monkeypatch, "raise SystemExit('CUDA driver initialization failed')")
+    with pytest.raises(ConfigError, match="could not read the GPUs' memory through CUDA .*give a number instead"):
+        gpu_memory_mib(("0",))
+
+
+def test_the_real_probe_on_a_machine_without_cuda_is_one_line() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="CUDA sees no memory on GPU\\(s\\) 0 here; give a number instead"):
+        gpu_memory_mib(("0",))
 
 
 def test_launch_auto_sizes_from_the_studys_recorded_peak(tmp_path, tiny_csv, monkeypatch) -> None:
@@ -151,7 +162,7 @@ def test_launch_auto_sizes_from_the_studys_recorded_peak(tmp_path, tiny_csv, mon
     # A finished trial that needed 30,000 MiB (a CPU run records none), outside the grid.
     study = optuna.load_study(study_name="auto", storage="sqlite:///vadsearch.db")
     study.add_trial(optuna.create_trial(value=0.1, user_attrs={"peak_gpu_mib": 30000.0}))
-    _nvidia_smi(tmp_path, monkeypatch, "echo 81920")
+    _cards(monkeypatch, {"0": 81920, "1": 40960})
     result = CliRunner().invoke(app, ["launch", str(study_file), "--gpus", "0", "--workers-per-gpu", "auto",
                                       "--device", "cpu"])
     assert result.exit_code == 0, result.output

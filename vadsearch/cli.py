@@ -349,7 +349,7 @@ def launch(
     gpu_list = launcher.visible_devices(launcher.parse_gpus(gpus))
     per_gpu = launcher.parse_workers_per_gpu(workers_per_gpu)
     if per_gpu == "auto":
-        per_gpu, why = launcher.auto_workers_per_gpu(launcher.gpu_memory_mib(),
+        per_gpu, why = launcher.auto_workers_per_gpu(launcher.gpu_memory_mib(gpu_list),
                                                      launcher.recorded_peaks(url, spec.name))
         typer.echo(f"{per_gpu} worker(s) per GPU: {why}")
     if per_gpu is not None:

@@ -143,7 +143,7 @@ def unfinished(study: str, settled: int, total: int, running: int, workers: int,
 
 AUTO_WORKERS_PER_GPU = 4  # before any trial of the study has recorded its peak memory
 MAX_AUTO_WORKERS_PER_GPU = 16
-CONTEXT_MIB = 512  # each process's CUDA context, beside what its allocator holds
+CONTEXT_MIB = 512  # each process's CUDA context, as gpumemory.CONTEXT_BYTES (not imported: it loads torch)
 
 
 def parse_workers_per_gpu(text: str | None) -> int | str | None:
@@ -154,19 +154,27 @@ def parse_workers_per_gpu(text: str | None) -> int | str | None:
     raise ConfigError(f"--workers-per-gpu takes a number of workers (1 or more) or auto; got {text!r}")
 
 
-def gpu_memory_mib() -> int:
-    """The smallest GPU's memory on this machine, from nvidia-smi: it opens no CUDA context, which would
-    hold memory in the launcher for the whole run. (The smallest: nvidia-smi and CUDA may number the
-    GPUs differently.)"""
+# Run in a child process: the cards as the workers will see them (their CUDA_VISIBLE_DEVICES, CUDA's own
+# numbering, a MIG slice at its own size), and the CUDA context it opens dies with it instead of holding
+# memory in the launcher for the whole run.
+MEMORY_PROBE = ("import torch\n"
+                "for i in range(torch.cuda.device_count()):\n"
+                "    print(torch.cuda.get_device_properties(i).total_memory)\n")
+
+
+def gpu_memory_mib(gpus: tuple[str, ...] = ()) -> int:
+    """The memory of the smallest of `gpus` (CUDA_VISIBLE_DEVICES entries; none: every visible GPU), MiB."""
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {})}
     try:
-        shown = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                               capture_output=True, text=True, timeout=60, check=True).stdout
-        sizes = [int(value) for value in shown.split()]
+        shown = subprocess.run([sys.executable, "-c", MEMORY_PROBE], env=env, capture_output=True, text=True,
+                               timeout=300, check=True).stdout
+        sizes = [int(value) // 2**20 for value in shown.split()]
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
-        raise ConfigError(f"--workers-per-gpu auto reads the GPUs' memory with nvidia-smi, which failed "
+        raise ConfigError(f"--workers-per-gpu auto could not read the GPUs' memory through CUDA "
                           f"({type(exc).__name__}): give a number instead") from None
     if not sizes:
-        raise ConfigError("--workers-per-gpu auto: nvidia-smi lists no GPU; give a number instead")
+        where = f"GPU(s) {','.join(gpus)}" if gpus else "any GPU"
+        raise ConfigError(f"--workers-per-gpu auto: CUDA sees no memory on {where} here; give a number instead")
     return min(sizes)
 
 

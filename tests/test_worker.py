@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import optuna
@@ -153,6 +154,51 @@ def test_ctrl_c_leaves_the_trial_resumable_without_spending_a_retry(setup, monke
     epochs = [line for line in lines if line.startswith("trial 1: epoch")]
     assert len(epochs) == 1 and epochs[0].startswith("trial 1: epoch 3/3  loss ")
     assert f"dev {resumed.intermediate_values[3]:.4f}" in epochs[0]
+
+
+def test_ctrl_c_before_the_first_heartbeat_still_requeues_the_trial(setup, monkeypatch):
+    # Between a trial's start and Optuna's handling of its objective lies the start of its heartbeat
+    # thread: Ctrl-C there used to leave the trial RUNNING, with no heartbeat to go stale, for ever.
+    spec, options = setup('hidden_size = [4]\n', max_epochs=1, study="max_retries = 0")
+    real = optuna.study._optimize.get_heartbeat_thread
+
+    def interrupted(trial_id, storage):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(optuna.study._optimize, "get_heartbeat_thread", interrupted)
+    assert Worker(spec, options).run().stopped == "interrupted"
+    study = load(options)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert study.trials[0].user_attrs["interrupted"] is True
+
+    monkeypatch.setattr(optuna.study._optimize, "get_heartbeat_thread", real)
+    assert Worker(spec, options).run().stopped == "finished"
+    assert points_finished(load(options)) == {point_key({"hidden_size": 4}): 1}
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_goes_stale_too(setup, tmp_path):
+    # SIGKILL in that same moment: no worker is left to say so, and no heartbeat ever goes stale.
+    spec, options = setup('hidden_size = [4, 8]\n', max_epochs=1, study="max_retries = 0")
+    assert Worker(spec, dataclasses.replace(options, n_trials=1)).run().stopped == "n-trials"
+    storage = open_storage(options.storage, heartbeat_interval=1, grace_period=2, outage_limit=5)  # a worker's
+    orphaned = optuna.load_study(study_name="s", storage=storage).ask()  # RUNNING, no heartbeat: left behind
+    fresh = optuna.load_study(study_name="s", storage=storage).ask()
+    with storage.engine.begin() as connection:  # started before the grace period (stored as naive UTC)
+        from sqlalchemy import text
+
+        then = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(seconds=30)
+        connection.execute(text("UPDATE trials SET datetime_start = :then WHERE trial_id = :id"),
+                           {"then": then, "id": orphaned._trial_id})
+    stale = storage._get_stale_trial_ids(load(options)._study_id)
+    assert stale == [orphaned._trial_id]  # the one just started is left alone
+    storage.set_trial_state_values(fresh._trial_id, TrialState.FAIL)
+
+    summary = Worker(spec, options).run()  # used to wait for the orphan for ever
+    assert summary.stopped == "finished"
+    study = load(options)
+    assert study.trials[orphaned.number].state == TrialState.FAIL
+    assert sorted(points_finished(study).values()) == [1, 1]
 
 
 def test_survey_classifies_failures_by_cause(setup):

@@ -324,8 +324,23 @@ class Worker:
             self.summary.stopped = self._loop(study, started)
         except KeyboardInterrupt:
             self.summary.stopped = "interrupted"
+            self._interrupt_own_trials(study)
             reconcile(study, self.spec, opts.max_stale_retries)  # requeue the trial Ctrl-C stopped
         return self.summary
+
+    def _interrupt_own_trials(self, study: optuna.Study) -> None:
+        """Fail as interrupted this worker's trials that are still RUNNING: one Ctrl-C stopped between its
+        start and Optuna's own handling is queued again now, not once it goes stale."""
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
+
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.user_attrs.get("worker") == self.name:
+                self._storage.attrs_with_final_state(trial._trial_id, {"interrupted": True})
+                try:
+                    self._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                except UpdateFinishedTrialError:
+                    pass
 
     def _loop(self, study: optuna.Study, started: float) -> str:
         import optuna

@@ -183,6 +183,40 @@ def test_bad_set_and_bad_storage(tmp_path, tiny_csv, monkeypatch):
     assert not (tmp_path / "vadsearch.db").exists()
 
 
+def test_a_study_whose_every_trial_failed_ends_the_worker_with_the_reason(tmp_path, tiny_csv, monkeypatch):
+    import vadsearch.train
+    from vadsearch.errors import TrainingError
+
+    def diverges(*args, **kwargs):
+        raise TrainingError("training diverged at epoch 1 (loss nan): lower the learning rate")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(vadsearch.train, "train", diverges)
+    study_file = write_study(tmp_path / "bad.toml", name="bad", data=tiny_csv, search="hidden_size = [4, 8]",
+                             study="max_retries = 0")
+    result = runner.invoke(app, ["worker", str(study_file), "--device", "cpu", "-q"])
+    assert result.exit_code == 5  # not "no finished trial yet" (a storage error), and no empty leaderboard
+    assert result.stdout == "worker stopped (finished): ran 2 trial(s): 2 fail\n"
+    assert result.stderr.splitlines()[-1] == (  # after the log's lines of each failure
+        "error: every trial of study 'bad' failed (2); the latest: TrainingError: training diverged at epoch 1 "
+        "(loss nan): lower the learning rate (`vadsearch report bad --trials` lists them all)")
+
+
+@pytest.mark.parametrize(("flags", "line"), [
+    (["--heartbeat-interval", "0"], "error: --heartbeat-interval must be at least 1 second, got 0"),
+    (["--grace-period", "0"], "error: --grace-period (0 s) must be longer than --heartbeat-interval (10 s)"),
+    (["--grace-period", "5", "--heartbeat-interval", "5"], "error: --grace-period (5 s) must be longer than"),
+    (["--n-trials", "0"], "error: --n-trials must be at least 1, got 0"),
+    (["--db-timeout", "-1"], "error: --db-timeout must be a number of seconds >= 0, got -1.0"),
+])
+def test_worker_timing_options_are_checked_before_anything_is_written(tmp_path, tiny_csv, monkeypatch, flags, line):
+    monkeypatch.chdir(tmp_path)
+    study_file = write_study(tmp_path / "t.toml", name="t", data=tiny_csv, search="hidden_size = [4]")
+    result = runner.invoke(app, ["worker", str(study_file), "--device", "cpu", *flags])
+    assert result.exit_code == 2 and result.stderr.startswith(line) and len(result.stderr.splitlines()) == 1
+    assert not list(tmp_path.glob("vadsearch.db*"))
+
+
 def test_unknown_study_lists_the_existing_ones(finished):
     line = one_line_error(invoke("report", "nope"), code=3)
     assert "nope" in line and "tiny" in line

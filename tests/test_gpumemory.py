@@ -75,6 +75,15 @@ def test_a_configuration_too_large_on_its_own_is_its_error():
     assert "lower batch_size" in str(error)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_out_of_host_memory_is_the_configurations_error_on_any_device(device):
+    message = ("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you tried "
+               "to allocate 12800000000000 bytes. Error code 12 (Cannot allocate memory)")
+    with pytest.raises(TrainingError, match=r"^out of this machine's memory \(11,920.9 GiB at once\); this "
+                                            "configuration does not fit"), gpumemory.blamed(torch.device(device)):
+        raise RuntimeError(message)
+
+
 def test_off_cuda_the_error_passes_unchanged():
     with pytest.raises(torch.OutOfMemoryError, match="as it was"), gpumemory.blamed(torch.device("cpu")):
         raise torch.OutOfMemoryError("as it was")

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from vadsearch import report
 from vadsearch.errors import ConfigError, StorageError
+from vadsearch.storage import open_storage
 
 DISTRIBUTIONS = {
     "lr": CategoricalDistribution([1e-4, 1e-3, 1e-2]),
@@ -155,6 +156,35 @@ def test_best_of_study_without_finished_trial(storage: optuna.storages.RDBStorag
     with pytest.raises(StorageError, match="no finished trial in study 'empty' yet"):
         report.best(study)
     assert report.leaderboard(study).empty
+
+
+@pytest.mark.parametrize("fmt", ["table", "markdown", "csv", "json"])
+def test_a_study_without_a_finished_trial_is_one_line_in_every_format(tmp_path: Path, fmt: str) -> None:
+    from typer.testing import CliRunner
+
+    from vadsearch.cli import app
+
+    url = f"sqlite:///{tmp_path}/r.db"
+    storage = open_storage(url)
+    waiting = make_study(storage, "waiting", "lstm", max_trials=2)
+    waiting.ask()
+    failed = make_study(storage, "failed", "lstm", max_trials=2)
+    for reason in ("TrainingError: training diverged at epoch 1", "ConfigError: trainable_layers 'last-99' does "
+                   "not fit a model of 6 layers"):
+        trial = failed.ask()
+        trial.set_user_attr("fail_reason", reason)
+        failed.tell(trial, state=TrialState.FAIL)
+    for name, code, line in (
+        ("waiting", 3, "error: no finished trial in study 'waiting' yet"),
+        ("failed", 5, "error: every trial of study 'failed' failed (2); the latest: ConfigError: trainable_layers "
+                      "'last-99' does not fit a model of 6 layers (`vadsearch report failed --trials` lists them all)"),
+    ):
+        for command in (["report", name, "--format", fmt], ["best", name, "--format", fmt]):
+            result = CliRunner().invoke(app, [*command, "--storage", url])
+            assert (result.exit_code, result.stdout, result.stderr.strip()) == (code, "", line), command
+    plotted = CliRunner().invoke(app, ["plot", "failed", "--kind", "history", "--storage", url,
+                                       "--out", str(tmp_path / "plots")])
+    assert plotted.exit_code == 5 and "every trial of study 'failed' failed" in plotted.stderr
 
 
 def test_compare_has_one_row_per_study_in_order(baseline: optuna.Study, lstm: optuna.Study) -> None:

@@ -291,9 +291,10 @@ def worker(
         raise typer.Exit(130)
     if summary.stopped == "finished":
         study = reports.load(_open(storage), spec.name)
+        found = {k: v for k, v in reports.best(study).items() if k != "config"}  # says so if every trial failed
         typer.echo(reports.render(reports.leaderboard(study, top=10), "table"))
         typer.echo("")
-        typer.echo(reports.render({k: v for k, v in reports.best(study).items() if k != "config"}, "table"))
+        typer.echo(reports.render(found, "table"))
 
 
 @app.command()
@@ -385,6 +386,8 @@ def launch(
             typer.echo(message, err=True)
             raise typer.Exit(code)
     study = reports.load(storage, spec.name)
+    if timeout is None:
+        reports.require_complete(study)  # says so if every trial failed
     typer.echo(reports.render(reports.leaderboard(study, top=10), "table"))
 
 
@@ -498,6 +501,7 @@ def report(
         # The point repeats the param.* columns as JSON: kept for machines, left out of tables.
         typer.echo(reports.render(frame if fmt in ("csv", "json") else frame.drop(columns="point"), fmt))
         return
+    reports.require_complete(loaded)  # else one line on stderr, in every format, and nothing on stdout
     board = reports.leaderboard(loaded, top=top)
     if fmt in ("csv", "json"):
         typer.echo(reports.render(board, fmt))

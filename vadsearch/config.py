@@ -94,6 +94,8 @@ class TrainConfig:
         for name in ("patience", "weight_decay", "grad_clip"):
             if not getattr(self, name) >= 0 or getattr(self, name) == math.inf:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:  # numpy's and torch's seeds
+            raise ConfigError(f"seed must be an integer in [0, 2**32), got {self.seed}")
         if not 0 < self.lr < math.inf:
             raise ConfigError(f"lr must be a finite positive number, got {self.lr}")
         for name in ("dropout", "warmup_ratio"):
@@ -173,7 +175,10 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
     for key, value in values.items():
         kind = types[key]
         if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # TOML integers have no size limit
+                raise ConfigError(f"{key} must be a float, got an integer of {len(str(abs(value)))} digits") from None
         expected = {"int": int, "float": float, "bool": bool, "str": str}.get(kind)
         if kind == "str | None":
             ok = value is None or isinstance(value, str)

@@ -28,6 +28,8 @@ CONTEXT_BYTES = 512 * 2**20  # a process's CUDA context, beside what its allocat
 # Memory failures that torch raises as a plain RuntimeError (AcceleratorError): a CUDA call, a cuBLAS or a
 # cuDNN workspace that could not be allocated, the likes of which a new process meets on a full card.
 _OTHER_OUT_OF_MEMORY = re.compile(r"out of memory|CUBLAS_STATUS_ALLOC_FAILED|CUDNN_STATUS_ALLOC_FAILED")
+# The host's allocator: a configuration too large for this machine's memory, whatever the device.
+_HOST_OUT_OF_MEMORY = re.compile(r"DefaultCPUAllocator: (can't allocate memory|not enough memory)")
 _REQUESTED = re.compile(r"Tried to allocate (\d+(?:\.\d+)?) (B|KiB|MiB|GiB|TiB)")
 _UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 
@@ -75,10 +77,16 @@ def readings(device: torch.device) -> tuple[int, int, int] | None:
 
 @contextmanager
 def blamed(device: torch.device) -> Iterator[None]:
-    """Turns running out of GPU memory into `blame`'s verdict; other errors pass unchanged."""
+    """Turns running out of GPU memory into `blame`'s verdict, and out of host memory into the
+    configuration's error; other errors pass unchanged."""
     try:
         yield
     except RuntimeError as exc:  # torch.OutOfMemoryError is one
+        if _HOST_OUT_OF_MEMORY.search(str(exc)):
+            asked = re.search(r"you tried to allocate (\d+) bytes", str(exc))
+            size = f" ({int(asked[1]) / GIB:,.1f} GiB at once)" if asked else ""
+            raise TrainingError(f"out of this machine's memory{size}; this configuration does not fit: lower "
+                                "hidden_size, batch_size or max_length") from None
         if not out_of_memory(exc):
             raise
         found = readings(device)  # read before anything is freed: what held the card when it ran out

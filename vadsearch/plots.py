@@ -173,11 +173,12 @@ def _optuna_plot(study: optuna.Study, kind: str) -> Figure:
     import optuna.visualization as interactive
     import optuna.visualization.matplotlib as static
 
+    from vadsearch.report import require_complete
+
     name = {"history": "plot_optimization_history", "importance": "plot_param_importances",
             "parallel": "plot_parallel_coordinate", "slice": "plot_slice"}[kind]
-    complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
-    if not complete:
-        raise ConfigError(f"study {study.study_name!r} has no complete trial yet: nothing to plot")
+    require_complete(study)  # none yet, or every trial failed: said as `report` says it
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if kind != "history" and not any(t.params for t in complete):
         raise ConfigError(f"study {study.study_name!r} searches no parameter: a {kind} plot needs one")
     if kind == "importance" and len(complete) < 2:

@@ -25,7 +25,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from vadsearch import failures
-from vadsearch.errors import ConfigError, StorageError
+from vadsearch.errors import ConfigError, StorageError, TrainingError
 
 FORMATS = ("table", "markdown", "csv", "json")
 STATES = ("COMPLETE", "RUNNING", "WAITING", "FAIL", "PRUNED")
@@ -197,12 +197,24 @@ def leaderboard(study: optuna.Study, top: int | None = None) -> pd.DataFrame:
     return _frame(records, columns)
 
 
+def require_complete(study: optuna.Study) -> None:
+    """Raise, in words, when `study` has no COMPLETE trial: none yet (a StorageError), or every trial
+    failed and none is left to run (a TrainingError, with the latest reason)."""
+    trials = _trials(study, None)
+    if any(t.state == TrialState.COMPLETE for t in trials):
+        return
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    if failed and not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
+        latest = failures.describe(failed[-1].user_attrs)
+        raise TrainingError(f"every trial of study {study.study_name!r} failed ({len(failed)}); the latest: {latest} "
+                            f"(`vadsearch report {study.study_name} --trials` lists them all)")
+    raise StorageError(f"no finished trial in study {study.study_name!r} yet")
+
+
 def best(study: optuna.Study) -> dict[str, Any]:
     """The study's best trial by dev MSE, JSON-able, with its test score (the only test score reported)."""
-    ranked = _complete_by_dev(study)
-    if not ranked:
-        raise StorageError(f"no finished trial in study {study.study_name!r} yet")
-    trial = ranked[0]
+    require_complete(study)
+    trial = _complete_by_dev(study)[0]
     attrs = trial.user_attrs
     return {
         "study": study.study_name,

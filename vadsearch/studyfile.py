@@ -484,7 +484,7 @@ def _parse_param(name: str, raw: Any, train: dict[str, Any]) -> Param:
     try:
         if isinstance(raw, list):
             if field_type == "float":  # 1 and 1.0 are the same learning rate; keep one type per axis
-                raw = [float(v) if _is_int(v) else v for v in raw]
+                raw = [float(v) if _is_int(v) and _is_finite(v) else v for v in raw]  # huge ones: refused below
             return Param(name, choices=tuple(raw))
         if isinstance(raw, dict):
             _check_keys(raw, _RANGE_KEYS, key)
@@ -547,7 +547,12 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond any float (TOML integers have no size limit)
+        return False
 
 
 def _has_type(value: Any, expected: str) -> bool:

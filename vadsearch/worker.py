@@ -78,6 +78,21 @@ class WorkerOptions:
     keep: str = "best"
     """What a completed trial leaves on disk: all, best or study-best (see vadsearch.retention)."""
 
+    def __post_init__(self) -> None:
+        from vadsearch.errors import ConfigError
+
+        if self.heartbeat_interval < 1:
+            raise ConfigError(f"--heartbeat-interval must be at least 1 second, got {self.heartbeat_interval}")
+        if self.grace_period <= self.heartbeat_interval:
+            # Shorter than the time between two heartbeats, every running trial would look dead.
+            raise ConfigError(f"--grace-period ({self.grace_period} s) must be longer than --heartbeat-interval "
+                              f"({self.heartbeat_interval} s)")
+        if self.n_trials is not None and self.n_trials < 1:
+            raise ConfigError(f"--n-trials must be at least 1, got {self.n_trials}")
+        for flag, value in (("--timeout", self.timeout), ("--db-timeout", self.db_outage_limit)):
+            if value is not None and not value >= 0:
+                raise ConfigError(f"{flag} must be a number of seconds >= 0, got {value}")
+
     @property
     def poll_interval(self) -> float:
         """While every open point runs elsewhere, look for stale trials this often."""

@@ -107,6 +107,7 @@ def test_a_name_the_target_has_is_refused_before_anything_is_written(hand_made, 
 def test_a_missing_source_study_or_file_is_one_clear_error(hand_made, tmp_path):
     with pytest.raises(StorageError, match="no study named 'nope'.*studies there: made"):
         migrate(hand_made, f"sqlite:///{tmp_path}/target.db", ["nope"])
+    assert not list(tmp_path.glob("target.db*"))  # refused before the target was made
     with pytest.raises(StorageError, match="no study database"):
         migrate(f"sqlite:///{tmp_path}/absent.db", f"sqlite:///{tmp_path}/target.db")
 

@@ -55,6 +55,26 @@ def test_reading_a_missing_sqlite_file_creates_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:"])
+def test_an_in_memory_database_is_refused(url):
+    with pytest.raises(StorageError, match=r"is an in-memory database, .*give a file, sqlite:///PATH$"):
+        open_storage(url)
+
+
+def test_a_path_that_is_no_database_is_refused_and_left_as_it_was(tmp_path):
+    (tmp_path / "ratings.csv").write_text("id,split,V,A,D,text\n")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(StorageError, match="ratings.csv is not an SQLite database"):
+        open_storage(f"sqlite:///{tmp_path}/ratings.csv")
+    with pytest.raises(StorageError, match="folder is a directory, not a study database"):
+        open_storage(f"sqlite:///{tmp_path}/folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "ratings.csv"]  # no .lock beside them
+    assert (tmp_path / "ratings.csv").read_text() == "id,split,V,A,D,text\n"
+    open_storage(f"sqlite:///{tmp_path}/new.db")  # a new file is still a new database
+    (tmp_path / "empty.db").touch()
+    open_storage(f"sqlite:///{tmp_path}/empty.db")  # as SQLite itself treats an empty file
+
+
 def _assert_exclusive(storage, name: str) -> None:
     inside, overlaps = [], []
 

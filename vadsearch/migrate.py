@@ -59,7 +59,6 @@ def migrate(source_url: str, target_url: str, studies: Sequence[str] | None = No
     import optuna
 
     source = open_storage(source_url, create=False)
-    target = open_storage(target_url)
     available = optuna.get_all_study_names(source)
     names = list(dict.fromkeys(studies)) if studies else sorted(available)
     if not names:
@@ -68,6 +67,7 @@ def migrate(source_url: str, target_url: str, studies: Sequence[str] | None = No
     if missing:
         raise StorageError(f"no study named {', '.join(map(repr, missing))} in {mask(source_url)}; "
                            f"studies there: {', '.join(sorted(available)) or 'none'}")
+    target = open_storage(target_url)  # only now: a refused migration leaves no new database behind
     taken = sorted(set(names) & set(optuna.get_all_study_names(target)))
     if taken:
         raise StorageError(f"{mask(target_url)} already has a study named {', '.join(map(repr, taken))}; "

@@ -98,11 +98,15 @@ def open_storage(
     is unreachable for up to that many seconds (see reconnect.py)."""
     url = storage_url(url)
     path = sqlite_path(url)
+    if path is None and _parse(url).get_backend_name() == "sqlite":
+        raise StorageError(f"{_mask_text(url)} is an in-memory database, gone when this process ends and unseen by "
+                           "any other: give a file, sqlite:///PATH")
     if path is not None:
         if not create and not path.is_file():
             raise StorageError(f"no study database at {path}: run a worker first, or pass --storage")
         if not path.parent.is_dir():
             raise StorageError(f"cannot create {path}: directory {path.parent} does not exist")
+        _check_sqlite_file(path)  # before the lock file beside it is made
         engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
     else:
         # pre-ping: a connection that died with a database restart is replaced, not handed out.
@@ -140,6 +144,26 @@ def open_storage(
         raise StorageError(f"cannot open {mask(url)}: {_first_line(scrub(str(exc), url))}") from None
     except RuntimeError as exc:  # Optuna's schema-version check
         raise StorageError(f"{mask(url)}: {_first_line(scrub(str(exc), url))}") from None
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _check_sqlite_file(path: Path) -> None:
+    """An existing path that is no SQLite database (a directory, a CSV) is refused before anything is
+    written beside it."""
+    if path.is_dir():
+        raise StorageError(f"{path} is a directory, not a study database: give a file, sqlite:///PATH")
+    try:
+        with open(path, "rb") as f:
+            header = f.read(len(SQLITE_HEADER))
+    except FileNotFoundError:
+        return  # a new database
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if header and header != SQLITE_HEADER:  # an empty file is what SQLite makes of a new database
+        raise StorageError(f"{path} is not an SQLite database (a study database is made by `vadsearch "
+                           "worker`): give another file")
 
 
 @contextlib.contextmanager

@@ -217,6 +217,21 @@ def test_worker_timing_options_are_checked_before_anything_is_written(tmp_path, 
     assert not list(tmp_path.glob("vadsearch.db*"))
 
 
+def test_output_directories_that_cannot_be_written_are_one_line_before_any_work(finished, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    for args, line in (
+        (["plot", "tiny", "--kind", "history", "--out", "/proc/plots"],
+         "error: cannot write to the figure directory /proc/plots: No such file or directory; pass another --out"),
+        (["plot", "tiny", "--kind", "history", "--out", "a-file/plots"],
+         "error: cannot write to the figure directory a-file/plots: Not a directory; pass another --out"),
+        (["launch", "tiny.toml", "--device", "cpu", "--log-dir", "a-file"],
+         "error: cannot write to the log directory a-file: File exists; pass another --log-dir"),
+    ):
+        result = runner.invoke(app, args)
+        assert (result.exit_code, result.stderr.strip()) == (4, line), args
+    assert not (tmp_path / "vadsearch-logs").exists()  # launch started no worker
+
+
 def test_unknown_study_lists_the_existing_ones(finished):
     line = one_line_error(invoke("report", "nope"), code=3)
     assert "nope" in line and "tiny" in line

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from optuna.trial import TrialState
 
 from search_helpers import REPO, vadsearch
 from vadsearch import reproduce
-from vadsearch.errors import StudyFileError
+from vadsearch.errors import StudyFileError, VadsearchError
 from vadsearch.storage import open_storage
 
 MINILM = (REPO / ".." / "shared" / "models" / "minilm-l6-h384-uncased-fp16").resolve()
@@ -62,6 +64,21 @@ def test_the_bert_winner_is_carried_where_it_is_not_searched():
 def test_a_missing_studies_directory_is_named(tmp_path):
     with pytest.raises(StudyFileError, match="baseline.toml: missing"):
         reproduce.load_specs(reproduce.ReproduceOptions(studies_dir=tmp_path))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"out": Path("/proc/results")}, "cannot write to the results directory /proc/results"),
+    ({"device": "gpu"}, "unknown device 'gpu'"),
+    ({"model_name": "/no/such/encoder"}, "cannot load the tokenizer of '/no/such/encoder'"),
+])
+def test_what_would_fail_after_hours_of_studies_fails_before_the_first(tmp_path, tiny_csv, change, message):
+    options = reproduce.ReproduceOptions(storage=f"sqlite:///{tmp_path}/r.db", artifacts=tmp_path / "art",
+                                         data=tiny_csv, device="cpu", out=tmp_path / "results", quick=True,
+                                         progress=False)
+    started = []
+    with pytest.raises(VadsearchError, match=re.escape(message)):
+        reproduce.run(dataclasses.replace(options, **change), on_study=lambda spec: started.append(spec.name))
+    assert started == [] and not (tmp_path / "r.db").exists()
 
 
 def trials_by_study(url: str) -> dict[str, list[optuna.trial.FrozenTrial]]:

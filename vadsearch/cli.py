@@ -340,6 +340,9 @@ def launch(
     check_keep(keep)
     check_device(device)
     spec = _load_spec(study_file, data, sets)  # fail here, once, rather than in N workers
+    from vadsearch.outdir import writable_dir
+
+    writable_dir(log_dir, "the log directory", advice="pass another --log-dir")
     url = storage_url(storage)
     args = ["--artifacts", str(artifacts), "--device", device]
     args += ["--data", str(data)] if data else []
@@ -629,8 +632,10 @@ def plot(
     _quiet_models()
     from vadsearch import plots
     from vadsearch import report as reports
+    from vadsearch.outdir import writable_dir
 
     loaded = reports.load(_open(storage), _study_name(study))
+    writable_dir(out, "the figure directory", advice="pass another --out")  # before the figure is made
     if kind == "curves" and group_by is None:
         group_by = plots.default_group(loaded)
     figure = plots.figure(loaded, kind, group_by=None if group_by == "trial" else group_by, split=split,

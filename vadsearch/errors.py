@@ -42,6 +42,12 @@ class CheckpointError(MachineFault):
     exit_code = 4
 
 
+class OutputError(VadsearchError):
+    """A directory for results (logs, figures, an exported model) cannot be made or written."""
+
+    exit_code = 4
+
+
 class TrainingError(VadsearchError):
     """Training cannot go on: the loss diverged to NaN or infinity, or the configuration alone does not
     fit in the GPU's memory."""

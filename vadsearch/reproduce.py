@@ -107,6 +107,19 @@ def carry_over(spec: StudySpec, winner: dict) -> StudySpec:
     return spec.with_overrides(train=values) if values else spec
 
 
+def _check_before_the_first_study(options: ReproduceOptions) -> None:
+    """What would otherwise fail only after studies that take hours: the device, the encoder, --out."""
+    from vadsearch.config import check_device
+    from vadsearch.outdir import writable_dir
+
+    check_device(options.device)
+    if options.model_name:
+        from vadsearch.encoding import load_tokenizer
+
+        load_tokenizer(options.model_name)
+    writable_dir(options.out, "the results directory", advice="pass another --out")
+
+
 def run(options: ReproduceOptions, on_study: Callable[[StudySpec], None] | None = None) -> ReproduceResult:
     """Run (or resume) every study, then write the comparison and the freezing figure into `options.out`."""
     from vadsearch import report
@@ -115,6 +128,7 @@ def run(options: ReproduceOptions, on_study: Callable[[StudySpec], None] | None 
     from vadsearch.worker import Worker, WorkerOptions
 
     check_keep(options.keep)
+    _check_before_the_first_study(options)
     url = storage_url(options.storage)
     worker_options = WorkerOptions(storage=url, artifacts=options.artifacts, data=options.data,
                                    device=options.device, progress=options.progress, keep=options.keep)

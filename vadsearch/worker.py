@@ -303,15 +303,10 @@ class Worker:
 
     def _check_artifacts(self) -> None:
         """An artifact directory that cannot be written would fail every trial: say so once, now."""
-        root = self.options.artifacts / self.spec.name
-        probe = root / f".probe-{os.getpid()}"
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            raise CheckpointError(f"cannot write to the artifact directory {root}: {exc.strerror or exc}; "
-                                  "fix its permissions or free space, or pass --artifacts DIR") from None
+        from vadsearch.outdir import writable_dir
+
+        writable_dir(self.options.artifacts / self.spec.name, "the artifact directory", CheckpointError,
+                     "fix its permissions or free space, or pass --artifacts DIR")
 
     # --- the loop ----------------------------------------------------------------------------------
     def run(self) -> WorkerSummary:

@@ -14,6 +14,7 @@ from vadsearch.launch import (
     AUTO_WORKERS_PER_GPU,
     LaunchPlan,
     auto_workers_per_gpu,
+    check_gpus,
     gpu_memory_mib,
     parse_gpus,
     parse_workers_per_gpu,
@@ -91,13 +92,14 @@ def test_gpu_indices_count_the_gpus_this_process_was_given(monkeypatch: pytest.M
 
 
 def _cards(monkeypatch: pytest.MonkeyPatch, sizes_mib: dict[str, int] | str) -> None:
-    """A stand-in for the CUDA probe: the memory of each card the launch's CUDA_VISIBLE_DEVICES names (all
-    of them when unset), or `sizes_mib` as the probe's whole program."""
+    """A stand-in for the CUDA probe: the memory of each card the launch's CUDA_VISIBLE_DEVICES names that
+    exists (all of them when unset), or `sizes_mib` as the probe's whole program."""
     program = sizes_mib if isinstance(sizes_mib, str) else (
         "import os\n"
         f"sizes = {sizes_mib!r}\n"
         "for gpu in os.environ.get('CUDA_VISIBLE_DEVICES', ','.join(sizes)).split(','):\n"
-        "    print(sizes[gpu] * 2**20)\n")
+        "    if gpu in sizes:\n"
+        "        print(sizes[gpu] * 2**20)\n")
     monkeypatch.setattr(launch_module, "MEMORY_PROBE", program)
 
 
@@ -128,15 +130,16 @@ def test_auto_without_a_recorded_trial_starts_a_few_and_says_why() -> None:
     assert chosen == AUTO_WORKERS_PER_GPU and "no trial of this study has recorded" in why
 
 
-def test_the_card_size_is_the_smallest_of_the_launchs_own_gpus(monkeypatch) -> None:
+def test_the_cards_are_the_launchs_own_gpus_as_cuda_sees_them(monkeypatch) -> None:
     # A large card beside a small display GPU: only the cards the workers get count.
     _cards(monkeypatch, {"0": 4096, "1": 81559, "2": 81920})
-    assert gpu_memory_mib(("1", "2")) == 81559
-    assert gpu_memory_mib(("2",)) == 81920
-    assert gpu_memory_mib() == 4096  # no --gpus: every visible card
+    assert check_gpus(("1", "2")) == [81559, 81920]
+    assert gpu_memory_mib() == [4096, 81559, 81920]  # no --gpus: every visible card
+    with pytest.raises(ConfigError, match=r"^--gpus 2,5: CUDA sees 1 of these 2 GPU\(s\) here \(run nvidia-smi"):
+        check_gpus(("2", "5"))
     _cards(monkeypatch, "raise SystemExit('CUDA driver initialization failed')")
-    with pytest.raises(ConfigError, match="could not read the GPUs' memory through CUDA .*give a number instead"):
-        gpu_memory_mib(("0",))
+    with pytest.raises(ConfigError, match="cannot read the GPUs through CUDA"):
+        check_gpus(("0",))
 
 
 def test_the_real_probe_on_a_machine_without_cuda_is_one_line() -> None:
@@ -144,8 +147,23 @@ def test_the_real_probe_on_a_machine_without_cuda_is_one_line() -> None:
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    with pytest.raises(ConfigError, match="CUDA sees no memory on GPU\\(s\\) 0 here; give a number instead"):
-        gpu_memory_mib(("0",))
+    with pytest.raises(ConfigError, match=r"CUDA sees 0 of these 1 GPU\(s\) here \(no CUDA GPU at all: use --device"):
+        check_gpus(("0",))
+
+
+def test_launch_on_gpus_cuda_cannot_see_stops_before_any_worker(tmp_path, tiny_csv, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from search_helpers import write_study
+    from vadsearch.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    _cards(monkeypatch, {"0": 81920})
+    study_file = write_study(tmp_path / "g.toml", name="g", data=tiny_csv, search="hidden_size = [4]")
+    result = CliRunner().invoke(app, ["launch", str(study_file), "--gpus", "3"])  # --device auto
+    assert result.exit_code == 2 and result.stderr.strip() == (
+        "error: --gpus 3: CUDA sees 0 of these 1 GPU(s) here (no CUDA GPU at all: use --device cpu)")
+    assert not (tmp_path / "vadsearch-logs").exists() and not (tmp_path / "vadsearch.db").exists()
 
 
 def test_launch_auto_sizes_from_the_studys_recorded_peak(tmp_path, tiny_csv, monkeypatch) -> None:

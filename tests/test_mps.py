@@ -143,6 +143,7 @@ def test_launch_with_mps_on_some_gpus_gives_the_workers_the_daemons_numbers(
 
     plans = []
     monkeypatch.setattr(launch, "start", lambda plan: plans.append(plan) or [])  # no worker processes
+    monkeypatch.setattr(launch, "MEMORY_PROBE", "print(81920 * 2**20)\nprint(81920 * 2**20)")  # two cards
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     study = write_study(tmp_path / "s.toml", name="mps-gpus", data=tiny_csv, search="hidden_size = [4]")
     CliRunner().invoke(app, ["launch", str(study), "--gpus", "0,2", "--workers-per-gpu", "2", "--mps",

@@ -335,14 +335,12 @@ def launch(
     from vadsearch.storage import storage_url
 
     from vadsearch.config import check_device
+    from vadsearch.outdir import writable_dir
     from vadsearch.retention import check_keep
 
     check_keep(keep)
     check_device(device)
     spec = _load_spec(study_file, data, sets)  # fail here, once, rather than in N workers
-    from vadsearch.outdir import writable_dir
-
-    writable_dir(log_dir, "the log directory", advice="pass another --log-dir")
     url = storage_url(storage)
     args = ["--artifacts", str(artifacts), "--device", device]
     args += ["--data", str(data)] if data else []
@@ -352,12 +350,16 @@ def launch(
         args += ["--set", item]
     gpu_list = launcher.visible_devices(launcher.parse_gpus(gpus))
     per_gpu = launcher.parse_workers_per_gpu(workers_per_gpu)
+    sizes = launcher.check_gpus(gpu_list) if gpu_list and device != "cpu" else None
     if per_gpu == "auto":
-        per_gpu, why = launcher.auto_workers_per_gpu(launcher.gpu_memory_mib(gpu_list),
-                                                     launcher.recorded_peaks(url, spec.name))
+        sizes = sizes or launcher.check_gpus(gpu_list)
+        if not sizes:
+            raise ConfigError("--workers-per-gpu auto: CUDA sees no GPU here; give a number instead")
+        per_gpu, why = launcher.auto_workers_per_gpu(min(sizes), launcher.recorded_peaks(url, spec.name))
         typer.echo(f"{per_gpu} worker(s) per GPU: {why}")
     if per_gpu is not None:
         workers = per_gpu * max(1, len(gpu_list))  # one small trial does not fill a large GPU
+    writable_dir(log_dir, "the log directory", advice="pass another --log-dir")  # the last check: it makes it
     with mps_daemon(gpu_list, log_dir) if mps else contextlib.nullcontext(({}, False)) as (mps_env, renumbered):
         plan = launcher.LaunchPlan(study_file, workers, gpu_list, tuple(args), log_dir, storage=url,
                                    env=tuple(mps_env.items()), renumbered=renumbered)

@@ -162,20 +162,27 @@ MEMORY_PROBE = ("import torch\n"
                 "    print(torch.cuda.get_device_properties(i).total_memory)\n")
 
 
-def gpu_memory_mib(gpus: tuple[str, ...] = ()) -> int:
-    """The memory of the smallest of `gpus` (CUDA_VISIBLE_DEVICES entries; none: every visible GPU), MiB."""
+def gpu_memory_mib(gpus: tuple[str, ...] = ()) -> list[int]:
+    """The memory of each of `gpus` (CUDA_VISIBLE_DEVICES entries; none: every visible GPU) in MiB, as CUDA
+    sees them; as many sizes as CUDA finds of them."""
     env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {})}
     try:
         shown = subprocess.run([sys.executable, "-c", MEMORY_PROBE], env=env, capture_output=True, text=True,
                                timeout=300, check=True).stdout
-        sizes = [int(value) // 2**20 for value in shown.split()]
+        return [int(value) // 2**20 for value in shown.split()]
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
-        raise ConfigError(f"--workers-per-gpu auto could not read the GPUs' memory through CUDA "
-                          f"({type(exc).__name__}): give a number instead") from None
-    if not sizes:
-        where = f"GPU(s) {','.join(gpus)}" if gpus else "any GPU"
-        raise ConfigError(f"--workers-per-gpu auto: CUDA sees no memory on {where} here; give a number instead")
-    return min(sizes)
+        raise ConfigError(f"cannot read the GPUs through CUDA ({type(exc).__name__}): check the driver, or give "
+                          "--workers-per-gpu a number and run without --gpus to see what the workers say") from None
+
+
+def check_gpus(gpus: tuple[str, ...]) -> list[int]:
+    """The memory (MiB) of each of `gpus`, once CUDA is seen to have them all: workers given a GPU that is
+    not there would train on the CPU instead, for days, without a word."""
+    sizes = gpu_memory_mib(gpus)
+    if len(sizes) < len(gpus):
+        raise ConfigError(f"--gpus {','.join(gpus)}: CUDA sees {len(sizes)} of these {len(gpus)} GPU(s) here "
+                          f"({'run nvidia-smi to see why' if sizes else 'no CUDA GPU at all: use --device cpu'})")
+    return sizes
 
 
 def recorded_peaks(url: str, study_name: str) -> list[float]:

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 import vadsearch.train
 from search_helpers import points_finished, synchronous_checkpoints, write_study
 from vadsearch.data import load_corpus
-from vadsearch.errors import StudyFileError
+from vadsearch.errors import ConfigError, StudyFileError
 from vadsearch.storage import open_storage
 from vadsearch.studyfile import load_study_file
 from vadsearch.worker import Worker, WorkerOptions, point_key, reconcile, survey
@@ -199,6 +199,19 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_goes_stale_too(set
     study = load(options)
     assert study.trials[orphaned.number].state == TrialState.FAIL
     assert sorted(points_finished(study).values()) == [1, 1]
+
+
+@pytest.mark.parametrize("search", ['trainable_layers = ["last-2", "last-99"]', 'lr = [0.001]'])
+def test_a_layer_window_the_encoder_lacks_stops_the_worker_before_any_trial(tmp_path, tiny_csv, tiny_bert_dir,
+                                                                            search):
+    fixed = {} if "trainable_layers" in search else {"trainable_layers": "5:9"}
+    spec = load_study_file(write_study(tmp_path / "b.toml", name="b", data=tiny_csv, search=search, model="bert",
+                                       model_name=tiny_bert_dir, **fixed))
+    options = WorkerOptions(storage=f"sqlite:///{tmp_path}/b.db", artifacts=tmp_path / "art", device="cpu",
+                            progress=False)
+    with pytest.raises(ConfigError, match="does not fit a model of 4 layers"):
+        Worker(spec, options).run()
+    assert not (tmp_path / "b.db").exists()  # not three failed attempts per configuration
 
 
 def test_survey_classifies_failures_by_cause(setup):

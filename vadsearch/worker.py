@@ -296,10 +296,17 @@ class Worker:
             from vadsearch.vectors import resolve_vectors
 
             resolve_vectors(self.spec.base.vectors or "")
-        for model_name in {c.model_name for c in configs if c.model == "bert"} | set(choices.get("model_name", ())):
+        bert_names = {c.model_name for c in configs if c.model == "bert"} | set(choices.get("model_name", ()))
+        for model_name in bert_names:
             from vadsearch.encoding import load_tokenizer
 
             load_tokenizer(model_name)
+        windows = {(c.model_name, c.trainable_layers) for c in configs if c.model == "bert"}
+        windows |= {(name, window) for name in bert_names for window in choices.get("trainable_layers", ())}
+        for model_name, window in sorted(windows):
+            from vadsearch.models.bert import check_trainable_layers
+
+            check_trainable_layers(model_name, window)
 
     def _check_artifacts(self) -> None:
         """An artifact directory that cannot be written would fail every trial: say so once, now."""

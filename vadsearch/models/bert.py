@@ -93,6 +93,20 @@ def layer_window(spec: str, n_layers: int) -> range:
     return range(start, stop)
 
 
+def check_trainable_layers(model_name: str, spec: str) -> None:
+    """`spec` against the encoder's layer count, read from its config file alone (no weights): a window
+    that does not fit would fail every trial of a study, one after another."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_name)
+    except (OSError, ValueError):
+        return  # loading its tokenizer and weights says what is wrong with the name
+    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", None)
+    if isinstance(n_layers, int):
+        layer_window(spec, n_layers)
+
+
 def _layers(encoder: nn.Module) -> nn.ModuleList:
     for path in ("encoder.layer", "transformer.layer", "layers", "encoder.layers"):
         module = encoder

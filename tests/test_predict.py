@@ -144,7 +144,13 @@ def test_export_refuses_a_directory_with_files(lstm_study, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("x")
     result = invoke("export-model", lstm_study.name, tmp_path / "taken", "--storage", lstm_study.storage)
-    assert result.exit_code == 2 and "not empty" in result.output
+    assert result.exit_code == 2 and "exists and is not an empty directory" in result.output
+    (tmp_path / "a-file").write_text("")
+    for target, code, line in ((tmp_path / "a-file", 2, "exists and is not an empty directory"),
+                               (tmp_path / "a-file" / "model", 4, "cannot write to the model directory"),
+                               (Path("/proc/model"), 4, "cannot write to the model directory /proc/model")):
+        result = invoke("export-model", lstm_study.name, target, "--storage", lstm_study.storage)
+        assert result.exit_code == code and line in result.stderr and "Traceback" not in result.output, target
 
 
 def test_one_line_errors(lstm_study, tmp_path):
@@ -185,3 +191,65 @@ def test_read_texts_keeps_csv_quoting_and_empty_texts(tmp_path):
     lines = tmp_path / "in.txt"
     lines.write_text("\ufefffirst\n\n  \nsecond\n", encoding="utf-8")
     assert read_texts(lines) == ["first", "second"]
+
+
+def one_error(result, code: int) -> str:
+    """The single `error: ...` line of a failed command (and no traceback)."""
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output and not result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_a_directory_is_a_model_directory_and_its_error_names_what_is_missing(lstm_study, tmp_path,
+                                                                               monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "emptydir").mkdir()
+    for argument in (tmp_path / "emptydir", "./emptydir", "emptydir"):  # 'emptydir': no such study either
+        line = one_error(invoke("predict", argument, "hi", "--storage", lstm_study.storage), 2)
+        assert "is not an export-model directory" in line and "config.json" in line
+
+    # A partial copy of an export: the missing weights are named, not a torch traceback.
+    from vadsearch.predict import export
+
+    export(load_best(lstm_study.load(), device="cpu"), tmp_path / "model")
+    (tmp_path / "model" / "model.pt").unlink()
+    line = one_error(invoke("predict", tmp_path / "model", "hi"), 2)
+    assert "incomplete export-model directory: missing model.pt" in line
+
+
+def test_a_study_named_like_a_directory_here_is_still_the_study(lstm_study, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / lstm_study.name).mkdir()  # as inside the artifacts directory: a folder per study
+    result = invoke("predict", lstm_study.name, "Love", "--storage", lstm_study.storage, "-f", "json")
+    assert result.exit_code == 0, result.output
+    assert [r["text"] for r in json.loads(result.stdout)] == ["Love"]
+
+
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_a_batch_size_below_one_is_refused(lstm_study, size):
+    line = one_error(invoke("predict", lstm_study.name, "hi", "--storage", lstm_study.storage, "--batch-size", size), 2)
+    assert line == f"error: batch size must be at least 1, got {size}"
+
+
+def test_a_malformed_csv_is_one_error_naming_the_file_and_line(lstm_study, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text('text\n"unterminated\nmore lines\n', encoding="utf-8")
+    line = one_error(invoke("predict", lstm_study.name, "--file", bad, "--storage", lstm_study.storage), 2)
+    assert line == f"error: {bad}, line 2: malformed CSV (unexpected end of data)"
+
+
+def test_read_texts_is_strict_and_counts_lines_of_multiline_records(tmp_path):
+    from vadsearch.errors import DataError
+    from vadsearch.predict import read_texts
+
+    table = tmp_path / "in.csv"
+    table.write_text('id,text\n\n1,"two\nlines"\n2\n', encoding="utf-8")  # a blank line, a short row
+    assert read_texts(table) == ["two\nlines", ""]
+    table.write_text('text\n"two\nlines"\n"quoted"junk\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"in\.csv, line 4: malformed CSV \(',' expected after '\"'\)"):
+        read_texts(table)
+    table.write_text("", encoding="utf-8")
+    with pytest.raises(DataError, match="needs a `text` column; its columns are none"):
+        read_texts(table)

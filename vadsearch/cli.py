@@ -704,7 +704,7 @@ def predict(
     sentences = list(texts or []) + (predictions.read_texts(file) if file is not None else [])
     if not sentences:
         raise ConfigError("nothing to rate: give sentences as arguments or --file FILE")
-    if predictions.is_exported(study):
+    if predictions.names_a_model_directory(study, lambda: reports.list_studies(_open(storage))):
         model = predictions.load_exported(study, device=device)
     else:
         loaded = reports.load(_open(storage), _study_name(study))

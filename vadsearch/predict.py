@@ -23,7 +23,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -71,7 +71,8 @@ class Predictor:
         from vadsearch.train import predict
 
         texts = list(texts)
-        batch_size = batch_size or self.config.eval_batch_size
+        if batch_size is None:  # not `or`: 0 is an error, not the default
+            batch_size = self.config.eval_batch_size
         if batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {batch_size}")
         parts = [predict(self.model, self.encode(texts[i : i + CHUNK]), batch_size, self.device)
@@ -193,10 +194,12 @@ def export(predictor: Predictor, directory: str | Path) -> Path:
     """Write the predictor as a self-contained model directory (see the module docstring)."""
     import torch
 
+    from vadsearch.outdir import writable_dir
+
     directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()):
-        raise ConfigError(f"{directory} exists and is not empty: choose a new directory")
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise ConfigError(f"{directory} exists and is not an empty directory: choose a new directory")
+    writable_dir(directory, "the model directory", advice="choose another directory")
     model = predictor.model
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     if predictor.config.model == "lstm":
@@ -223,10 +226,15 @@ def load_exported(directory: str | Path, device: str = "auto") -> Predictor:
     import torch
 
     directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: no such directory")
+    if not is_exported(directory):
+        raise DataError(f"{directory} is not an export-model directory: it has no config.json")
     try:
         document = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise DataError(f"{directory}: no readable config.json; is it a directory written by export-model?") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{directory}/config.json cannot be read ({type(exc).__name__}): is it a directory "
+                        "written by export-model?") from None
     if not isinstance(document, dict) or document.get("format") != EXPORT_FORMAT:
         raise DataError(f"{directory}/config.json is not a vadsearch model (format {EXPORT_FORMAT!r})")
     if document.get("version", 0) > EXPORT_VERSION:
@@ -234,6 +242,10 @@ def load_exported(directory: str | Path, device: str = "auto") -> Predictor:
     config = TrainConfig.from_dict(document["train_config"])
     info = {k: v for k, v in document.items() if k not in ("format", "version", "model", "train_config")}
     _check_model(config)
+    needed = ("model.pt", "vocab.json") if config.model == "lstm" else ("encoder", "head.safetensors")
+    missing = [name for name in needed if not (directory / name).exists()]
+    if missing:  # a partial copy: name the files rather than fail inside torch or transformers
+        raise DataError(f"{directory} is an incomplete export-model directory: missing {', '.join(missing)}")
     if config.model == "lstm":
         from vadsearch.models import build_for_weights
 
@@ -252,6 +264,21 @@ def load_exported(directory: str | Path, device: str = "auto") -> Predictor:
 
 def is_exported(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file()
+
+
+def names_a_model_directory(argument: str, studies: Callable[[], list[str]]) -> bool:
+    """Whether `predict`'s argument means a model directory rather than a study: an export, or any other
+    directory (which `load_exported` then says is not one), unless it is a bare name that `studies()` also
+    holds: inside the artifacts directory each study has a folder of its name."""
+    path = Path(argument)
+    if is_exported(path) or (path.is_dir() and argument != path.name):
+        return True
+    if not path.is_dir():
+        return False
+    try:
+        return argument not in studies()
+    except StorageError:  # no storage to hold a study of that name
+        return True
 
 
 # --- the model card ----------------------------------------------------------------------------------
@@ -368,10 +395,29 @@ def read_texts(path: str | Path) -> list[str]:
         raise DataError(f"{path}: cannot read as UTF-8 text ({exc})") from None
     if path.suffix.lower() != ".csv":
         return [line for line in raw.splitlines() if line.strip()]
-    reader = csv.DictReader(io.StringIO(raw, newline=""))  # quoted fields may hold line breaks
-    if not reader.fieldnames or "text" not in reader.fieldnames:
-        raise DataError(f"{path}: a CSV needs a `text` column; its columns are {reader.fieldnames or 'none'}")
-    return [row["text"] or "" for row in reader]
+    # Strict, as for the training data: an unterminated quote is an error, not the rest of the file as one
+    # text. Quoted fields may hold line breaks, so a record's first line is where the previous one ended + 1.
+    reader = csv.reader(io.StringIO(raw, newline=""), strict=True)
+    header: list[str] | None = None
+    texts: list[str] = []
+    end = 0
+    try:
+        for fields in reader:
+            end = reader.line_num
+            if not fields:  # a blank line
+                continue
+            if header is None:
+                header = fields
+                if "text" not in header:
+                    raise DataError(f"{path}: a CSV needs a `text` column; its columns are {header}")
+                column = header.index("text")
+            else:
+                texts.append(fields[column] if column < len(fields) else "")
+    except csv.Error as exc:
+        raise DataError(f"{path}, line {end + 1}: malformed CSV ({exc})") from None
+    if header is None:
+        raise DataError(f"{path}: a CSV needs a `text` column; its columns are none")
+    return texts
 
 
 def frame(texts: Sequence[str], predictions: np.ndarray):

@@ -664,10 +664,11 @@ def dashboard(
     Example: vadsearch dashboard --port 8080   (then open http://127.0.0.1:8080/)
     """
     _setup_logging(False)
-    from vadsearch.dashboard import serve
+    from vadsearch.dashboard import open_server, run, url
 
-    typer.echo(f"dashboard on http://{host}:{port}/ (Ctrl-C stops it)", err=True)
-    serve(storage, host=host, port=port)
+    server = open_server(storage, host=host, port=port)  # fails before the banner claims it runs
+    typer.echo(f"dashboard on {url(host, port)} (Ctrl-C stops it)", err=True)
+    run(server)
 
 
 @app.command()

@@ -206,7 +206,7 @@ def test_a_study_whose_every_trial_failed_ends_the_worker_with_the_reason(tmp_pa
     (["--heartbeat-interval", "0"], "error: --heartbeat-interval must be at least 1 second, got 0"),
     (["--grace-period", "0"], "error: --grace-period (0 s) must be longer than --heartbeat-interval (10 s)"),
     (["--grace-period", "5", "--heartbeat-interval", "5"], "error: --grace-period (5 s) must be longer than"),
-    (["--n-trials", "0"], "error: --n-trials must be at least 1, got 0"),
+    (["--n-trials", "-1"], "error: --n-trials must be 0 or more, got -1"),
     (["--db-timeout", "-1"], "error: --db-timeout must be a number of seconds >= 0, got -1.0"),
 ])
 def test_worker_timing_options_are_checked_before_anything_is_written(tmp_path, tiny_csv, monkeypatch, flags, line):

@@ -87,8 +87,8 @@ class WorkerOptions:
             # Shorter than the time between two heartbeats, every running trial would look dead.
             raise ConfigError(f"--grace-period ({self.grace_period} s) must be longer than --heartbeat-interval "
                               f"({self.heartbeat_interval} s)")
-        if self.n_trials is not None and self.n_trials < 1:
-            raise ConfigError(f"--n-trials must be at least 1, got {self.n_trials}")
+        if self.n_trials is not None and self.n_trials < 0:  # 0: create or join the study, queue it, run none
+            raise ConfigError(f"--n-trials must be 0 or more, got {self.n_trials}")
         for flag, value in (("--timeout", self.timeout), ("--db-timeout", self.db_outage_limit)):
             if value is not None and not value >= 0:
                 raise ConfigError(f"{flag} must be a number of seconds >= 0, got {value}")

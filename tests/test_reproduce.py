@@ -69,6 +69,7 @@ def test_a_missing_studies_directory_is_named(tmp_path):
 @pytest.mark.parametrize(("change", "message"), [
     ({"out": Path("/proc/results")}, "cannot write to the results directory /proc/results"),
     ({"device": "gpu"}, "unknown device 'gpu'"),
+    ({"device": "cuda:99"}, "device cuda:99 asked for, but this"),  # no GPU here, or not 100 of them
     ({"model_name": "/no/such/encoder"}, "cannot load the tokenizer of '/no/such/encoder'"),
 ])
 def test_what_would_fail_after_hours_of_studies_fails_before_the_first(tmp_path, tiny_csv, change, message):

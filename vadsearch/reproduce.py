@@ -109,10 +109,10 @@ def carry_over(spec: StudySpec, winner: dict) -> StudySpec:
 
 def _check_before_the_first_study(options: ReproduceOptions) -> None:
     """What would otherwise fail only after studies that take hours: the device, the encoder, --out."""
-    from vadsearch.config import check_device
     from vadsearch.outdir import writable_dir
+    from vadsearch.train import resolve_device
 
-    check_device(options.device)
+    resolve_device(options.device)  # the name, and that this machine has it: the baseline study needs none
     if options.model_name:
         from vadsearch.encoding import load_tokenizer
 

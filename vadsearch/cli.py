@@ -350,9 +350,9 @@ def launch(
         args += ["--set", item]
     gpu_list = launcher.visible_devices(launcher.parse_gpus(gpus))
     per_gpu = launcher.parse_workers_per_gpu(workers_per_gpu)
-    sizes = launcher.check_gpus(gpu_list) if gpu_list and device != "cpu" else None
+    # Named GPUs must exist for the workers (else they train on the CPU); auto needs their sizes.
+    sizes = launcher.check_gpus(gpu_list) if (gpu_list and device != "cpu") or per_gpu == "auto" else []
     if per_gpu == "auto":
-        sizes = sizes or launcher.check_gpus(gpu_list)
         if not sizes:
             raise ConfigError("--workers-per-gpu auto: CUDA sees no GPU here; give a number instead")
         per_gpu, why = launcher.auto_workers_per_gpu(min(sizes), launcher.recorded_peaks(url, spec.name))
@@ -391,9 +391,10 @@ def launch(
             typer.echo(message, err=True)
             raise typer.Exit(code)
     study = reports.load(storage, spec.name)
-    if timeout is None:
+    board = reports.leaderboard(study, top=10)
+    if board.empty and timeout is None:
         reports.require_complete(study)  # says so if every trial failed
-    typer.echo(reports.render(reports.leaderboard(study, top=10), "table"))
+    typer.echo(reports.render(board, "table"))
 
 
 def _progress_bar(spec, url: str):
@@ -506,8 +507,9 @@ def report(
         # The point repeats the param.* columns as JSON: kept for machines, left out of tables.
         typer.echo(reports.render(frame if fmt in ("csv", "json") else frame.drop(columns="point"), fmt))
         return
-    reports.require_complete(loaded)  # else one line on stderr, in every format, and nothing on stdout
     board = reports.leaderboard(loaded, top=top)
+    if board.empty:
+        reports.require_complete(loaded)  # says why, in every format, with nothing on stdout
     if fmt in ("csv", "json"):
         typer.echo(reports.render(board, fmt))
         return

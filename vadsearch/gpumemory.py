@@ -30,8 +30,9 @@ CONTEXT_BYTES = 512 * 2**20  # a process's CUDA context, beside what its allocat
 _OTHER_OUT_OF_MEMORY = re.compile(r"out of memory|CUBLAS_STATUS_ALLOC_FAILED|CUDNN_STATUS_ALLOC_FAILED")
 # The host's allocator: a configuration too large for this machine's memory, whatever the device.
 _HOST_OUT_OF_MEMORY = re.compile(r"DefaultCPUAllocator: (can't allocate memory|not enough memory)")
-_REQUESTED = re.compile(r"Tried to allocate (\d+(?:\.\d+)?) (B|KiB|MiB|GiB|TiB)")
-_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+# CUDA's "Tried to allocate 20.00 MiB", the host's "you tried to allocate 12800000000000 bytes".
+_REQUESTED = re.compile(r"[Tt]ried to allocate (\d+(?:\.\d+)?) (B|KiB|MiB|GiB|TiB|bytes)")
+_UNITS = {"B": 1, "bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 
 
 def out_of_memory(exc: BaseException) -> bool:
@@ -42,7 +43,7 @@ def out_of_memory(exc: BaseException) -> bool:
 
 
 def requested_bytes(message: str) -> int | None:
-    """The allocation that failed, from torch's "Tried to allocate 20.00 MiB"; None if it does not say."""
+    """The allocation that failed, from torch's message; None if it does not say."""
     found = _REQUESTED.search(message)
     return int(float(found[1]) * _UNITS[found[2]]) if found else None
 
@@ -83,8 +84,8 @@ def blamed(device: torch.device) -> Iterator[None]:
         yield
     except RuntimeError as exc:  # torch.OutOfMemoryError is one
         if _HOST_OUT_OF_MEMORY.search(str(exc)):
-            asked = re.search(r"you tried to allocate (\d+) bytes", str(exc))
-            size = f" ({int(asked[1]) / GIB:,.1f} GiB at once)" if asked else ""
+            asked = requested_bytes(str(exc))
+            size = f" ({asked / GIB:,.1f} GiB at once)" if asked is not None else ""
             raise TrainingError(f"out of this machine's memory{size}; this configuration does not fit: lower "
                                 "hidden_size, batch_size or max_length") from None
         if not out_of_memory(exc):

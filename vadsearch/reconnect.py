@@ -168,26 +168,31 @@ class ReconnectingRDBStorage(RDBStorage):
 
     @retrying
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        """Optuna's stale trials, and RUNNING ones that never sent a heartbeat and started more than a grace
-        period ago: Optuna passes over those, but a worker killed (or stopped by Ctrl-C) between starting
-        a trial and its first heartbeat leaves one, which a study would wait for forever."""
+        """Optuna's stale trials (a heartbeat older than the grace period), and RUNNING ones that never sent
+        a heartbeat and started more than a grace period ago: Optuna passes over those, but a worker killed
+        (or stopped by Ctrl-C) between starting a trial and its first heartbeat leaves one, which a study
+        would wait for forever. One query, as Optuna's own: this runs before every trial."""
         from datetime import datetime, timedelta, timezone
 
+        import sqlalchemy
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
 
-        stale = RDBStorage._get_stale_trial_ids(self, study_id)
-        grace = self.grace_period if self.grace_period is not None else 2 * (self.heartbeat_interval or 0)
-        # Optuna stores datetime_start as naive UTC from the starting host's clock; a trial lies in this
-        # state for milliseconds only while its worker lives, so clocks a little apart do no harm.
-        started_before = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(seconds=grace)
+        grace = timedelta(seconds=self.grace_period if self.grace_period is not None
+                          else 2 * (self.heartbeat_interval or 0))
         trial, beat = models.TrialModel, models.TrialHeartbeatModel
-        with _create_scoped_session(self.scoped_session) as session:
-            never_beat = (session.query(trial.trial_id).outerjoin(beat, beat.trial_id == trial.trial_id)
-                          .filter(trial.study_id == study_id, trial.state == TrialState.RUNNING,
-                                  beat.trial_heartbeat_id.is_(None), trial._datetime_start_utc < started_before)
-                          .all())
-        return stale + [trial_id for (trial_id,) in never_beat if trial_id not in stale]
+        with _create_scoped_session(self.scoped_session, True) as session:
+            running = (session.query(trial.trial_id, beat.heartbeat, trial._datetime_start_utc,
+                                     sqlalchemy.func.now())
+                       .outerjoin(beat, beat.trial_id == trial.trial_id)
+                       .filter(trial.study_id == study_id, trial.state == TrialState.RUNNING).all())
+        # Heartbeats are stamped by the database's clock (as Optuna compares them); datetime_start is naive
+        # UTC from the starting host's, and a trial lies without a heartbeat for milliseconds only while its
+        # worker lives, so clocks a little apart do no harm.
+        utc_now = datetime.now(timezone.utc).replace(tzinfo=None)
+        return [trial_id for trial_id, heartbeat, started, db_now in running
+                if (heartbeat is not None and db_now.replace(tzinfo=None) - heartbeat > grace)
+                or (heartbeat is None and started is not None and utc_now - started > grace)]
 
     @property
     def masked_url(self) -> str:

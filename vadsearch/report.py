@@ -178,8 +178,9 @@ def leaderboard(study: optuna.Study, top: int | None = None) -> pd.DataFrame:
     """COMPLETE trials ranked by dev MSE (rank 1 is best); `top` keeps the first rows only."""
     if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
         raise ConfigError(f"top must be a positive number of rows; got {top!r}")
-    ranked = _complete_by_dev(study)[:top]
-    params = _param_names(_trials(study, (TrialState.COMPLETE,)))
+    complete = _complete_by_dev(study)  # one read of the study
+    ranked = complete[:top]
+    params = _param_names(complete)
     columns = ["rank", "trial", *(PARAM_PREFIX + p for p in params), "best_epoch", "dev_mse",
                *(f"dev_mse_{d}" for d in DIMENSIONS), *(f"dev_r_{d}" for d in DIMENSIONS)]
     records = []
@@ -213,8 +214,10 @@ def require_complete(study: optuna.Study) -> None:
 
 def best(study: optuna.Study) -> dict[str, Any]:
     """The study's best trial by dev MSE, JSON-able, with its test score (the only test score reported)."""
-    require_complete(study)
-    trial = _complete_by_dev(study)[0]
+    ranked = _complete_by_dev(study)
+    if not ranked:
+        require_complete(study)  # says why
+    trial = ranked[0]
     attrs = trial.user_attrs
     return {
         "study": study.study_name,

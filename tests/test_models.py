@@ -141,6 +141,17 @@ def test_build_model_external_frozen(tmp_path: Path, tiny_corpus: Corpus) -> Non
     assert total - trainable == len(encoded.vocab) * 4
 
 
+def test_build_model_internal_ignores_freeze_embeddings(tiny_corpus: Corpus) -> None:
+    # The fingerprint leaves freeze_embeddings out for internal embeddings (config.relevant), so both
+    # settings share one run directory: they must train the same model, or one resumes the other's run.
+    encoded = encode_words(tiny_corpus)
+    config = TrainConfig(model="lstm", embedding="internal", hidden_size=8, embedding_dim=8)
+    frozen = config.replace(freeze_embeddings=True)
+    assert frozen.fingerprint() == config.fingerprint()
+    names = [trainable_parameters(build_model(c, encoded, MEANS))[0] for c in (config, frozen)]
+    assert names[0] == names[1] and "embedding.weight" in names[1]
+
+
 def test_build_model_refuses_the_baseline(tiny_corpus: Corpus) -> None:
     with pytest.raises(ValueError, match="baseline"):
         build_model(TrainConfig(model="baseline"), encode_words(tiny_corpus), MEANS)

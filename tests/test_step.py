@@ -47,8 +47,7 @@ def _setup(tiny_bert_dir: str, corpus: Corpus, device: torch.device = CPU):
     encoded = encode_corpus(config, corpus)
     torch.manual_seed(0)
     model = build_model(config, encoded, train_means(corpus)).to(device)
-    # No dropout: the graphed run's warm-ups draw random numbers an eager run does not, so only a
-    # model without randomness can be compared with it number for number.
+    # No dropout here: these tests compare the steps alone (dropout under graphs: see the resume test below).
     model.eval()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     return config, encoded, model, optimizer
@@ -173,3 +172,27 @@ def test_real_cuda_graphs_train_as_the_eager_step(tiny_bert_dir: str, tiny_corpu
     # The same bf16 kernels, but not bit for bit: a stale batch or a lost update would be far off.
     assert losses == pytest.approx(eager_losses, rel=2e-2)
     assert (update - eager_update).norm() < 0.1 * eager_update.norm()
+
+
+def test_a_resumed_graphed_run_is_the_uninterrupted_one(
+    tiny_bert_dir: str, tiny_corpus: Corpus, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A resumed process captures its shapes again, in a later epoch than the uninterrupted one did: the
+    # warm-ups must draw no random numbers (dropout), or every later dropout mask differs.
+    from vadsearch import train as train_module
+    from vadsearch.fit import fit
+
+    monkeypatch.setattr(train_module, "make_step", lambda model, device: GraphedStep(model, device, ReplayByRerun()))
+    config = TrainConfig(model="bert", model_name=tiny_bert_dir, max_length=32, batch_size=8, eval_batch_size=16,
+                         lr=1e-3, max_epochs=2, dropout=0.1, seed=0)
+
+    def epochs(result) -> list[tuple[float, float]]:
+        return [(h.train_loss, h.dev.mse) for h in result.history]
+
+    reference = fit(config, tiny_corpus, run_dir=tmp_path / "a", device="cpu")
+    fit(config.replace(max_epochs=1), tiny_corpus, run_dir=tmp_path / "b", device="cpu")
+    resumed = fit(config, tiny_corpus, run_dir=tmp_path / "b", device="cpu")
+    assert resumed.resumed_from == 1 and epochs(resumed) == epochs(reference)
+    # ...and with nothing drawn by the warm-ups, a graphed run draws what an eager run draws.
+    monkeypatch.undo()
+    assert epochs(fit(config, tiny_corpus, device="cpu")) == epochs(reference)

@@ -331,6 +331,35 @@ def test_patience_zero_never_stops(tiny_corpus: Corpus, monkeypatch: pytest.Monk
     assert len(result.history) == 4 and not result.stopped_early and result.best_epoch == 1
 
 
+def test_lower_patience_with_a_later_best_starts_over(
+    tiny_corpus: Corpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # patience is not in the fingerprint: a patience-2 trial shares the run directory of a patience-0 one.
+    # Uninterrupted, patience 2 stops after epoch 3 with epoch 1 best; the finished run's best (4) lies beyond.
+    dev = encode_corpus(TINY_LSTM, tiny_corpus).dev
+    calls = _fake_dev_predictions(monkeypatch, dev, [0.1, 0.2, 0.3, 0.05] + [0.1, 0.2, 0.3])
+    assert _run(TINY_LSTM, tiny_corpus, tmp_path).best_epoch == 4
+    caplog.set_level(logging.WARNING)
+    result = _run(TINY_LSTM.replace(patience=2), tiny_corpus, tmp_path)
+    assert result.resumed_from == 0 and len(_warnings(caplog)) == 1
+    assert [h.epoch for h in result.history] == [1, 2, 3] and result.stopped_early
+    assert result.best_epoch == 1 and result.dev.mse == pytest.approx(0.1**2, rel=1e-5)
+    assert calls == ["dev"] * 4 + ["test"] + ["dev"] * 3 + ["test"]
+
+
+def test_lower_patience_with_the_best_before_the_stop_reuses_the_run(
+    tiny_corpus: Corpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dev = encode_corpus(TINY_LSTM, tiny_corpus).dev
+    _fake_dev_predictions(monkeypatch, dev, [0.1, 0.2, 0.3, 0.4])
+    _run(TINY_LSTM, tiny_corpus, tmp_path)
+    monkeypatch.setattr(train_module, "_train_epoch", _fail("patience 2 stops after epoch 3, already trained"))
+    result = _run(TINY_LSTM.replace(patience=2), tiny_corpus, tmp_path)
+    # As an uninterrupted patience-2 run: three epochs, the last two without improvement.
+    assert result.resumed_from == 3 and [h.epoch for h in result.history] == [1, 2, 3]
+    assert result.stopped_early and result.best_epoch == 1
+
+
 def test_test_split_is_predicted_once_after_training(tiny_corpus: Corpus, monkeypatch: pytest.MonkeyPatch) -> None:
     encoded = encode_corpus(TINY_LSTM, tiny_corpus)
     real = train_module.predict

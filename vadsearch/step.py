@@ -140,11 +140,15 @@ class GraphedStep:
 
     def _capture(self, ids, lengths, targets) -> _Shape | None:
         shape = _Shape(ids.clone(), lengths.to(self.device, copy=True), targets.clone())
+        # The warm-ups are extra forwards: under dropout they would draw random numbers an eager step does
+        # not, and a resumed run, capturing in a later epoch, would then draw other masks from there on.
+        devices = [self.device] if self.device.type == "cuda" else []
         try:
-            if not self.grads:
-                self._allocate_grads(shape)
-            shape.replay = self.capture(lambda: self._body(shape),
-                                        LATER_WARMUP_STEPS if self.shapes else FIRST_WARMUP_STEPS - 1)
+            with torch.random.fork_rng(devices=devices):
+                if not self.grads:
+                    self._allocate_grads(shape)
+                shape.replay = self.capture(lambda: self._body(shape),
+                                            LATER_WARMUP_STEPS if self.shapes else FIRST_WARMUP_STEPS - 1)
         except RuntimeError as exc:
             if out_of_memory(exc):
                 raise  # the card is full, not the capture impossible: `gpumemory.blamed` says whose fault

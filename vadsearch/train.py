@@ -135,6 +135,17 @@ def _patience_exhausted(history: list[EpochResult], best_epoch: int, patience: i
     return patience > 0 and len(history) - best_epoch >= patience
 
 
+def _epochs_to_keep(history: list[dict[str, Any]], config: TrainConfig) -> int:
+    """How many of a checkpoint's epochs a run of `config` trains before it ends: `max_epochs` and
+    `patience` are not in the fingerprint, so the checkpoint may come from a run allowed more of either."""
+    best = 0
+    for h in history[: config.max_epochs]:
+        best = h["epoch"] if h["best"] else best
+        if config.patience > 0 and h["epoch"] - best >= config.patience:
+            return h["epoch"]
+    return min(len(history), config.max_epochs)
+
+
 @dataclass
 class _Run:
     """What one run trains and carries from epoch to epoch: exactly what its checkpoints save."""
@@ -150,12 +161,12 @@ class _Run:
     best_epoch: int = 0
     best_model: dict[str, torch.Tensor] | None = None
 
-    def restore(self, checkpoint: dict[str, Any]) -> None:
+    def restore(self, checkpoint: dict[str, Any], epochs: int) -> None:
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         restore_rng(checkpoint["rng"])
-        self.history = [EpochResult.from_dict(h) for h in checkpoint["history"]][: self.config.max_epochs]
+        self.history = [EpochResult.from_dict(h) for h in checkpoint["history"]][:epochs]
         self.best_epoch, self.best_model = checkpoint["best_epoch"], checkpoint["best_model"]
 
     def checkpoint(self) -> dict[str, Any]:
@@ -270,13 +281,15 @@ def _train_on(
     run = _Run(config, corpus.sha256, encoded, model, optimizer, scheduler, dev_device)
     directory = RunDirectory(run_dir) if run_dir is not None else None
     checkpoint = directory.load(config.fingerprint(), corpus.sha256) if directory else None
-    if checkpoint and checkpoint["best_epoch"] > config.max_epochs:
-        # Trained further than this budget, and its best epoch lies beyond it: those weights are not
-        # what a run of max_epochs would have produced.
-        directory.discard(f"their best epoch {checkpoint['best_epoch']} is beyond max_epochs {config.max_epochs}")
+    keep = _epochs_to_keep(checkpoint["history"], config) if checkpoint else 0
+    if checkpoint and checkpoint["best_epoch"] > keep:
+        # Trained further than this run would (a larger max_epochs, or a patience that ran out later),
+        # and its best epoch lies beyond where this run ends: those weights are not what it would produce.
+        directory.discard(f"their best epoch {checkpoint['best_epoch']} is beyond epoch {keep}, where a run of "
+                          f"max_epochs {config.max_epochs} and patience {config.patience} ends")
         checkpoint = None
     if checkpoint:
-        run.restore(checkpoint)
+        run.restore(checkpoint, keep)
     resumed_from = len(run.history)
     for restored in run.history:
         if on_epoch:

@@ -60,7 +60,8 @@ def _lstm(config: TrainConfig, vocab_size: int, embedding_dim: int, output_bias,
         dropout=config.dropout,
         output_bias=output_bias,
         pretrained=pretrained,
-        freeze_embeddings=config.freeze_embeddings,
+        # Only pretrained vectors freeze: the fingerprint ignores the option for internal embeddings.
+        freeze_embeddings=config.freeze_embeddings and config.embedding == "external",
     )
 
 

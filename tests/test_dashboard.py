@@ -139,6 +139,9 @@ def test_open_server_binds_and_run_releases_the_port(store, taken_port):
         thread.join(timeout=10)
     assert not thread.is_alive()
     with socket.socket() as s:
+        # As a new server binds (wsgiref sets SO_REUSEADDR): without it, the TIME_WAIT of the connection the
+        # server closed first refuses the bind at random. A socket still listening is refused either way.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))  # released: the port can be bound again
 
 

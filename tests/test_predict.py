@@ -253,3 +253,29 @@ def test_read_texts_is_strict_and_counts_lines_of_multiline_records(tmp_path):
     table.write_text("", encoding="utf-8")
     with pytest.raises(DataError, match="needs a `text` column; its columns are none"):
         read_texts(table)
+
+
+def test_a_text_file_splits_at_line_breaks_only(tmp_path):
+    """A form feed, NEL or Unicode line separator inside a sentence does not make two rows (str.splitlines
+    would): a file gives as many rows as its non-empty lines, as the same text on stdin does."""
+    import io
+
+    from vadsearch.predict import read_texts
+
+    lines = tmp_path / "in.txt"
+    lines.write_text("one\x0cpage\r\ntwo\u2028parts\nthree\x85x\n", encoding="utf-8")
+    expected = ["one\x0cpage", "two\u2028parts", "three\x85x"]
+    assert read_texts(lines) == expected
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.stdin", io.StringIO(lines.read_text(encoding="utf-8")))
+        assert read_texts("-") == expected
+
+
+@pytest.mark.parametrize("name, damage", [("model.pt", b"\x80\x02truncated"), ("vocab.json", b'["<pad>", ')])
+def test_a_damaged_export_is_one_line_naming_the_directory(lstm_study, tmp_path, name, damage):
+    from vadsearch.predict import export
+
+    directory = export(load_best(lstm_study.load(), device="cpu"), tmp_path / "model")
+    (directory / name).write_bytes(damage)  # an interrupted copy
+    line = one_error(invoke("predict", directory, "hi"), 2)
+    assert str(directory) in line and "export it again" in line

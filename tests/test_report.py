@@ -298,3 +298,61 @@ def test_empty_frames_render(storage: optuna.storages.RDBStorage) -> None:
     [row] = report.compare([study]).to_dict(orient="records")
     assert (row["complete"], row["trials"]) == (0, 0)
     assert pd.isna(row["best_trial"]) and math.isnan(row["dev_mse"]) and math.isnan(row["test_mse"])
+
+
+def test_a_searched_model_is_named_by_the_winner_in_compare_and_by_its_choices_in_status(
+    storage: optuna.storages.RDBStorage
+) -> None:
+    """A study may search `model`: its [train] default is then no description of the study or its best."""
+    study = make_study(storage, "models", "lstm", max_trials=2)  # "lstm": the TrainConfig default
+    spec = study.user_attrs["vadsearch"]
+    study.set_user_attr("vadsearch", {**spec, "space": [{"name": "model", "kind": "categorical",
+                                                         "choices": ["baseline", "bert"]}]})
+    for model, dev in (("baseline", 0.8), ("bert", 0.1)):
+        study.add_trial(optuna.create_trial(
+            state=TrialState.COMPLETE, value=dev, params={"model": model},
+            distributions={"model": CategoricalDistribution(["baseline", "bert"])},
+            user_attrs={"config": {"model": model}, "dev": scores(dev, 0.5), "test": scores(dev, 0.4)}))
+    [row] = report.compare([study]).to_dict(orient="records")
+    assert (row["model"], row["best_trial"]) == ("bert", 1)
+    [status] = report.status(storage)
+    assert status["model"] == "baseline/bert"
+
+
+@pytest.mark.parametrize("fmt", ["table", "markdown"])
+def test_a_text_with_a_line_break_stays_on_its_row(fmt: str) -> None:
+    """`predict` renders texts (a CSV's quoted field may hold line breaks): one record, one line."""
+    frame = pd.DataFrame({"text": ["two\nlines", "one|line"], "V": [3.0, 2.5]})
+    lines = report.render(frame, fmt).splitlines()
+    assert len(lines) == 2 + len(frame)
+    assert ("two<br>lines" if fmt == "markdown" else "two\\nlines") in lines[2]
+
+
+def test_compare_says_when_studies_were_scored_on_different_sentences(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A quick-* subset beside a full run, or another data file: rows side by side that are not comparable."""
+    from search_helpers import vadsearch
+
+    url = f"sqlite:///{tmp_path}/c.db"
+    storage = open_storage(url)
+    for name, extra, n in (("full", {"data_sha256": "a" * 64}, 1000), ("same", {"data_sha256": "a" * 64}, 1000),
+                           ("quick", {"data_sha256": "b" * 64, "data_subset": [800, 100, 100], "seed": 0}, 100)):
+        study = make_study(storage, name, "lstm", max_trials=1)
+        study.set_user_attr("vadsearch", {**study.user_attrs["vadsearch"], **extra})
+        add_complete(study, {"lr": 1e-3}, dev_mse=0.1, test_mse=0.1, best_epoch=1,
+                     dev=scores(0.1, 0.5, n=n), test=scores(0.1, 0.4, n=n))
+    full, same, quick = (report.load(storage, n) for n in ("full", "same", "quick"))
+    with caplog.at_level("WARNING", logger="vadsearch.report"):
+        caplog.clear()
+        report.compare([full, same])
+        assert not caplog.records
+        table = report.compare([full, quick])
+    assert list(table["study"]) == ["full", "quick"]  # the table itself is unchanged
+    [record] = [r for r in caplog.records if r.name == "vadsearch.report"]
+    assert "not comparable" in record.message and "quick: 100 dev and 100 test sentences of a subset" in record.message
+    assert "full: 1000 dev and 1000 test sentences of data aaaaaaaaaaaa" in record.message
+    # The real command: the warning on stderr, stdout still a plain csv.
+    result = vadsearch("compare", "full", "quick", "--storage", url, "--format", "csv", cwd=tmp_path)
+    assert result.returncode == 0 and "not comparable" in result.stderr, result.stderr
+    assert pd.read_csv(io.StringIO(result.stdout))["study"].tolist() == ["full", "quick"]

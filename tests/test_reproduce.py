@@ -151,3 +151,15 @@ def test_reproduce_quick_end_to_end_on_the_real_data(tmp_path, real_data_path):
                       "-f", "json", cwd=tmp_path)
     assert rated.returncode == 0, rated.stderr
     assert all(1 <= json.loads(rated.stdout)[0][k] <= 5 for k in "VAD")
+
+
+def test_a_bert_grid_whose_every_trial_failed_does_not_stop_the_reproduction(tmp_path, caplog):
+    """The cased and freezing studies keep their files' values, and the table is still written."""
+    storage = open_storage(f"sqlite:///{tmp_path}/r.db")
+    study = optuna.create_study(study_name="bert", storage=storage)
+    for _ in range(2):
+        trial = study.ask()
+        trial.set_user_attr("fail_reason", "ConfigError: no such encoder")
+        study.tell(trial, state=TrialState.FAIL)
+    assert reproduce._winner(storage, "bert") is None
+    assert "every trial of study 'bert' failed" in caplog.text

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import numpy as np
 
 from vadsearch.config import TrainConfig
-from vadsearch.errors import CheckpointError, ConfigError, DataError, StorageError
+from vadsearch.errors import CheckpointError, ConfigError, DataError, StorageError, VadsearchError
 
 if TYPE_CHECKING:
     import optuna
@@ -246,20 +246,28 @@ def load_exported(directory: str | Path, device: str = "auto") -> Predictor:
     missing = [name for name in needed if not (directory / name).exists()]
     if missing:  # a partial copy: name the files rather than fail inside torch or transformers
         raise DataError(f"{directory} is an incomplete export-model directory: missing {', '.join(missing)}")
-    if config.model == "lstm":
-        from vadsearch.models import build_for_weights
+    # A damaged copy (a torn file, not only a missing one) is one line, as in `load_run`, not a traceback
+    # from torch, json or safetensors.
+    try:
+        if config.model == "lstm":
+            from vadsearch.models import build_for_weights
 
-        weights = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
-        words = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
-        return _predictor(config, build_for_weights(config, weights), device, words=words, info=info)
-    from safetensors.torch import load_file
+            weights = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
+            words = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
+            return _predictor(config, build_for_weights(config, weights), device, words=words, info=info)
+        from safetensors.torch import load_file
 
-    from vadsearch.models.bert import BertRegressor, load_encoder
+        from vadsearch.models.bert import BertRegressor, load_encoder
 
-    encoder = str(directory / "encoder")
-    model = BertRegressor(load_encoder(encoder), config.dropout, np.zeros(3, dtype=np.float32))
-    model.head.load_state_dict(load_file(str(directory / "head.safetensors")))
-    return _predictor(config, model, device, encoder=encoder, info=info)
+        encoder = str(directory / "encoder")
+        model = BertRegressor(load_encoder(encoder), config.dropout, np.zeros(3, dtype=np.float32))
+        model.head.load_state_dict(load_file(str(directory / "head.safetensors")))
+        return _predictor(config, model, device, encoder=encoder, info=info)
+    except VadsearchError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{directory}: its model files cannot be read ({type(exc).__name__}): a damaged copy? "
+                        "export it again") from None
 
 
 def is_exported(path: str | Path) -> bool:
@@ -394,7 +402,9 @@ def read_texts(path: str | Path) -> list[str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read as UTF-8 text ({exc})") from None
     if path.suffix.lower() != ".csv":
-        return [line for line in raw.splitlines() if line.strip()]
+        # "\n" only (read_text already turned \r\n and \r into it), as stdin splits: str.splitlines would
+        # also split at a form feed, NEL or U+2028 inside a sentence, one input line giving two rows.
+        return [line for line in raw.split("\n") if line.strip()]
     # Strict, as for the training data: an unterminated quote is an error, not the rest of the file as one
     # text. Quoted fields may hold line breaks, so a record's first line is where the previous one ended + 1.
     reader = csv.reader(io.StringIO(raw, newline=""), strict=True)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -26,6 +28,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from vadsearch import failures
 from vadsearch.errors import ConfigError, StorageError, TrainingError
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("table", "markdown", "csv", "json")
 STATES = ("COMPLETE", "RUNNING", "WAITING", "FAIL", "PRUNED")
@@ -65,6 +69,11 @@ def _spec(study: optuna.Study) -> dict[str, Any]:
 
 
 def _model(spec: Mapping[str, Any]) -> str | None:
+    """The study's model; its choices (`lstm/bert`) where it searches the model, since the [train] value
+    is then only TrainConfig's default."""
+    for param in spec.get("space") or []:
+        if isinstance(param, Mapping) and param.get("name") == "model" and isinstance(param.get("choices"), list):
+            return "/".join(map(str, param["choices"]))
     base = spec.get("base")
     return base.get("model") if isinstance(base, Mapping) else None
 
@@ -235,19 +244,27 @@ def best(study: optuna.Study) -> dict[str, Any]:
 
 
 def compare(studies: Sequence[optuna.Study]) -> pd.DataFrame:
-    """One row per study, in the order given: the dev and test scores of each study's best trial."""
+    """One row per study, in the order given: the dev and test scores of each study's best trial.
+
+    Studies whose best trials were scored on different sentences (another data file, a `quick-*` subset
+    beside a full run) are logged as a warning: their rows are not comparable.
+    """
     columns = ["study", "model", "complete", "trials", "best_trial", "dev_mse", "test_mse",
                *(f"dev_r_{d}" for d in DIMENSIONS), *(f"test_r_{d}" for d in DIMENSIONS)]
     records = []
+    scored_on: dict[str, tuple] = {}
     for study in studies:
         trials = _trials(study)
         ranked = _complete_by_dev(study)
         winner = ranked[0] if ranked else None
+        if winner and _spec(study):
+            scored_on[study.study_name] = _scored_on(_spec(study), winner)
         dev = winner.user_attrs.get("dev") if winner else None
         test = winner.user_attrs.get("test") if winner else None
         records.append({
             "study": study.study_name,
-            "model": _model(_spec(study)),
+            # the model the scores are of: the winner's, where the study searches the model
+            "model": (winner.params if winner else {}).get("model") or _model(_spec(study)),
             "complete": sum(t.state == TrialState.COMPLETE for t in trials),
             "trials": len(trials),
             "best_trial": winner.number if winner else None,
@@ -256,7 +273,25 @@ def compare(studies: Sequence[optuna.Study]) -> pd.DataFrame:
             **{f"dev_r_{d}": _score(dev, f"r_{d}") for d in DIMENSIONS},
             **{f"test_r_{d}": _score(test, f"r_{d}") for d in DIMENSIONS},
         })
+    if len(set(scored_on.values())) > 1:
+        log.warning("these studies were scored on different sentences, so their scores are not comparable: %s",
+                    "; ".join(f"{name}: {_describe_data(key)}" for name, key in scored_on.items()))
     return _frame(records, columns)
+
+
+def _scored_on(spec: Mapping[str, Any], winner: FrozenTrial) -> tuple:
+    """What decides the dev and test sentences: the data file (its sha256), or for a subset its seed (the
+    file's checksum is folded into the subset's), and how many sentences the best trial was scored on."""
+    subset = spec.get("data_subset")
+    data = ("subset", spec.get("seed", 0)) if subset else ("file", spec.get("data_sha256"))
+    sizes = tuple((winner.user_attrs.get(split) or {}).get("n") for split in ("dev", "test"))
+    return (*data, *sizes)
+
+
+def _describe_data(key: tuple) -> str:
+    kind, which, dev_n, test_n = key
+    data = f"a subset (seed {which})" if kind == "subset" else f"data {str(which)[:12]}"
+    return f"{dev_n} dev and {test_n} test sentences of {data}"
 
 
 def status(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
@@ -427,6 +462,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
 def _text_table(frame: pd.DataFrame, markdown: bool, general: list[bool] | None = None) -> str:
     """An aligned plain-text or GitHub-markdown table; numeric columns are right-aligned.
 
@@ -444,8 +482,11 @@ def _text_table(frame: pd.DataFrame, markdown: bool, general: list[bool] | None 
         and any(_is_number(v) for v in frame.iloc[:, j])
         for j in range(len(headers))
     ]
+    # One record, one line: a text may hold line breaks (a quoted CSV field given to `predict`).
     if markdown:
-        cells = [[c.replace("|", "\\|") for c in row] for row in cells]
+        cells = [[_LINE_BREAK.sub("<br>", c.replace("|", "\\|")) for c in row] for row in cells]
+    else:
+        cells = [[_LINE_BREAK.sub(r"\\n", c) for c in row] for row in cells]
     widths = [max([len(h), 3, *(len(row[j]) for row in cells)]) for j, h in enumerate(headers)]
 
     def line(values: list[str]) -> str:

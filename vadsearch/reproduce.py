@@ -170,10 +170,12 @@ def run(options: ReproduceOptions, on_study: Callable[[StudySpec], None] | None 
 
 def _winner(storage, name: str) -> dict | None:
     from vadsearch import report
-    from vadsearch.errors import StorageError
+    from vadsearch.errors import StorageError, TrainingError
 
     try:
         return report.best(report.load(storage, name))["params"]
-    except StorageError:
-        log.warning("study %s has no finished trial: bert-cased and bert-freeze keep their files' values", name)
+    except (StorageError, TrainingError) as exc:
+        # TrainingError: every trial failed. The grid is settled, so stopping here would stop every later
+        # run of the same command too, and the other studies' table would never be written.
+        log.warning("%s: bert-cased and bert-freeze keep their files' values", exc)
         return None

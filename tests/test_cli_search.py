@@ -172,6 +172,27 @@ def test_launch_rejects_a_mistyped_device_once_before_starting_workers(tmp_path,
     assert not (tmp_path / "vadsearch-logs").exists() and not (tmp_path / "vadsearch.db").exists()
 
 
+@pytest.mark.parametrize(("flags", "code", "line"), [
+    (["--storage", "postgres://x/y"], 3, "error: unsupported database 'postgres' in postgres://x/y"),
+    (["--storage", "sqlite:///no-such-dir/v.db"], 3, "error: cannot create no-such-dir/v.db: directory no-such-dir"),
+    (["--storage", "postgresql+psycopg://bob:hunter2@127.0.0.1:1/x"], 3, "error: cannot open postgresql+psycopg://bob:***@"),
+    (["--workers", "0"], 2, "error: --workers must be at least 1, got 0"),
+])
+def test_launch_refuses_a_bad_storage_or_worker_count_once_before_starting_workers(tmp_path, tiny_csv, monkeypatch,
+                                                                                  flags, code, line):
+    # Before: a bad --storage started every worker, each failed alone, and launch said only "worker(s) 0, 1
+    # exited with an error"; --workers 0 made the log directory before it was refused.
+    import vadsearch.launch
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(vadsearch.launch, "start", lambda plan: pytest.fail("a worker was started"))
+    study_file = write_study(tmp_path / "t.toml", name="t", data=tiny_csv, search="hidden_size = [4]")
+    result = runner.invoke(app, ["launch", str(study_file), "--device", "cpu", *flags])
+    assert result.exit_code == code and result.stderr.startswith(line), result.output
+    assert len(result.stderr.splitlines()) == 1 and "hunter2" not in result.stderr
+    assert not (tmp_path / "vadsearch-logs").exists() and not list(tmp_path.glob("vadsearch.db*"))
+
+
 def test_bad_set_and_bad_storage(tmp_path, tiny_csv, monkeypatch):
     monkeypatch.chdir(tmp_path)
     study_file = write_study(tmp_path / "t.toml", name="t", data=tiny_csv, search="hidden_size = [4]")

@@ -147,6 +147,7 @@ def test_launch_keeps_the_password_off_worker_command_lines(tmp_path, tiny_csv, 
     monkeypatch.setattr(launch.subprocess, "Popen", Recorder)
     monkeypatch.setattr("vadsearch.cli._setup_logging", lambda quiet: None)  # keep the session's handlers
     monkeypatch.setattr("vadsearch.cli._open", lambda url: (_ for _ in ()).throw(StorageError("stop here")))
+    monkeypatch.setattr("vadsearch.storage.open_storage", lambda url, **kwargs: None)  # launch's own check
     study = write_study(tmp_path / "s.toml", name="s", data=tiny_csv, search="seed = [0]", model="baseline")
     secret = f"postgresql+psycopg://u:{PASSWORD}@db.invalid/x"
     CliRunner().invoke(app, ["launch", str(study), "--workers", "2", "--storage", secret,

@@ -202,6 +202,13 @@ def test_relative_data_path_is_relative_to_the_study_file(tmp_path, monkeypatch)
     assert spec.data_subset == (8, 2, 3)
 
 
+@pytest.mark.parametrize("given", ["~no-such-user-here/emobank.csv", "a\\u0000b.csv"])
+def test_an_unusable_data_path_is_one_line(tmp_path, given):
+    # Before: RuntimeError "Could not determine home directory" / ValueError "embedded null byte", as tracebacks.
+    message = load_error(write(tmp_path, f'[data]\npath = "{given}"\n'))
+    assert "data.path: string " in message and "is not a usable path" in message
+
+
 def test_absolute_data_path_is_kept(tmp_path):
     spec = load_study_file(write(tmp_path, f'[data]\npath = "{tmp_path / "e.csv"}"\n'))
     assert spec.data_path == (tmp_path / "e.csv").resolve()
@@ -215,9 +222,36 @@ def test_defaults(tmp_path):
 
 
 def test_name_and_grid_max_trials(tmp_path):
-    spec = load_study_file(write(tmp_path, '[study]\nname = "my.study_2"\nmax_trials = 2\n[search]\nlr = [1, 2, 3]\n'))
-    assert spec.name == "my.study_2" and spec.max_trials == 2
+    spec = load_study_file(write(tmp_path, '[study]\nname = "my.study_2"\nmax_trials = 3\n[search]\nlr = [1, 2, 3]\n'))
+    assert spec.name == "my.study_2" and spec.max_trials == 3
     assert spec.space[0].choices == (1.0, 2.0, 3.0)  # a float option's choices are floats
+
+
+def test_grid_max_trials_below_the_grid_size_is_refused(tmp_path):
+    # Workers queue and run every grid point whatever max_trials says: a grid of 2 with max_trials = 1 ran
+    # both trials and `vadsearch status` showed "2/1 complete".
+    message = load_error(write(tmp_path, "[study]\nmax_trials = 1\n[search]\nlr = [0.1, 0.2]\n"))
+    assert "study.max_trials: 1 is fewer than the grid's 2 points" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "keys"),
+    [('[train]\nmodel = "lstm"\n[search]\ntrain_embeddings = [true, false]\n', "search.train_embeddings"),  # BERT-only
+     ('[train]\nmodel = "bert"\n[search]\nhidden_size = [64, 128]\n', "search.hidden_size"),  # LSTM-only
+     ("[search]\nmax_epochs = [3, 9]\n", "search.max_epochs"),  # a constant schedule: one curve holds both
+     ("[search]\npatience = [0, 2]\nlr = [0.1]\n", "search.patience")],
+)
+def test_grid_points_that_are_one_training_run_are_refused(tmp_path, text, keys):
+    # Such points share one checkpoint directory: the second trial "resumed" the first's finished run
+    # without training, and --keep best then deleted the first trial's best weights.
+    message = load_error(write(tmp_path, text))
+    assert f"{keys}: the grid points" in message and "are the same training run" in message
+
+
+def test_grid_points_that_differ_only_where_it_matters_load(tmp_path):
+    # max_epochs is part of the run under a linear schedule (it spans all epochs); a baseline writes nothing.
+    assert load_study_file(write(tmp_path, '[train]\nschedule = "linear"\n[search]\nmax_epochs = [3, 9]\n'))
+    assert load_study_file(write(tmp_path, '[train]\nmodel = "baseline"\n[search]\nlr = [0.1, 0.2]\n'))
 
 
 def test_import_is_cheap():
@@ -292,7 +326,7 @@ BAD = {
     "unknown pruner kind": (TPE_HEADER + '[pruner]\nkind = "asha"\n', "pruner.kind: kind must be one of median, hyperband, none"),
     "negative startup": (TPE_HEADER + '[pruner]\nkind = "median"\nstartup_trials = -1\n', "pruner.startup_trials: startup_trials must be an integer >= 0"),
     "hyperband warmup 0": (TPE_HEADER + '[pruner]\nkind = "hyperband"\nwarmup_epochs = 0\n', "pruner.warmup_epochs: warmup_epochs must be at least 1 for hyperband"),
-    "warmup past the epochs": (TPE_HEADER + '[train]\nmax_epochs = 3\n[pruner]\nkind = "median"\nwarmup_epochs = 3\n', "pruner.warmup_epochs: 3 leaves nothing to prune"),
+    "warmup past the epochs": (TPE_HEADER + '[train]\nmax_epochs = 3\n[search]\nlr = { low = 0.001, high = 0.01 }\n[pruner]\nkind = "median"\nwarmup_epochs = 3\n', "pruner.warmup_epochs: 3 leaves nothing to prune"),
     "invalid TOML": ('[study]\nsampler = \n', "invalid TOML: Invalid value (at line 2, column 11)"),
     "unclosed TOML array": ('[search]\nlr = [0.1,\n', "invalid TOML: Invalid value (at end of document, line 2)"),
     "duplicate TOML key": ('[study]\nseed = 1\nseed = 2\n', "invalid TOML: "),
@@ -353,3 +387,4 @@ def test_spec_validates_itself(tmp_path):
 def test_grid_of_a_sampler_study_is_an_error():
     with pytest.raises(StudyFileError, match="grid\\(\\) needs a grid study"):
         load_study_file(STUDIES / "lstm-tpe.toml").grid()
+

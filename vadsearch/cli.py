@@ -332,7 +332,7 @@ def launch(
     _setup_logging(False)
     from vadsearch import launch as launcher
     from vadsearch.mps import mps_daemon
-    from vadsearch.storage import storage_url
+    from vadsearch.storage import open_storage, storage_url
 
     from vadsearch.config import check_device
     from vadsearch.outdir import writable_dir
@@ -359,6 +359,11 @@ def launch(
         typer.echo(f"{per_gpu} worker(s) per GPU: {why}")
     if per_gpu is not None:
         workers = per_gpu * max(1, len(gpu_list))  # one small trial does not fill a large GPU
+    if workers < 1:  # before the log directory and the database are made
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    # A mistyped, missing or unreachable database: one line here, not "worker(s) 0, 1 exited with an error"
+    # after every worker has failed on it alone. Opening it makes the (SQLite) file a first worker would make.
+    open_storage(url)
     writable_dir(log_dir, "the log directory", advice="pass another --log-dir")  # the last check: it makes it
     with mps_daemon(gpu_list, log_dir) if mps else contextlib.nullcontext(({}, False)) as (mps_env, renumbered):
         plan = launcher.LaunchPlan(study_file, workers, gpu_list, tuple(args), log_dir, storage=url,

@@ -74,7 +74,7 @@ class TrainConfig:
     trainable_layers: str = "all"
     """Transformer layers that train: `all`, `none`, `first-K`, `middle-K`, `last-K` or `I:J`."""
     train_embeddings: bool = True
-    """Whether the embedding layer trains too (the report froze transformer layers only)."""
+    """Whether the embedding layer trains too (studies/bert-freeze.toml freezes it, as the report did)."""
 
     # --- baseline -------------------------------------------------------------------------------
     baseline: str = "constant"

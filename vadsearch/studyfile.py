@@ -188,7 +188,7 @@ class StudySpec:
     data_subset: tuple[int, int, int] | None = None
     """(train, dev, test) sentence counts of a deterministic subset; None: the whole corpus."""
     max_trials: int | None = None
-    """Grid: resolved to the grid size when not given (and may not exceed it)."""
+    """Grid: resolved to the grid size when not given (and must equal it: a grid runs every point)."""
     max_retries: int = 2
     """How many times a grid point whose trial failed is tried again."""
     seed: int = 0
@@ -371,8 +371,11 @@ class StudySpec:
         else:
             points = []  # each axis was checked alone above
         base = self.base.to_dict()
+        runs: dict[str, dict[str, Any]] = {}
         for point in points:  # combinations: e.g. embedding = external with vectors unset
-            _build_config(base, point, "search")
+            config = _build_config(base, point, "search")
+            if self.sampler == "grid" and config.model != "baseline":  # a baseline trains nothing, writes nothing
+                _check_distinct_run(runs, config, point)
 
     def _validate_limits(self) -> None:
         if self.max_trials is not None and (not _is_int(self.max_trials) or self.max_trials < 1):
@@ -383,12 +386,34 @@ class StudySpec:
                 object.__setattr__(self, "max_trials", size)
             elif self.max_trials > size:
                 raise _Problem("study.max_trials", f"{self.max_trials} is more than the grid's {size} points")
+            elif self.max_trials < size:  # workers queue and run every point: fewer would show as "8/3 complete"
+                raise _Problem("study.max_trials", f"{self.max_trials} is fewer than the grid's {size} points, and a "
+                                                   "grid runs every point: leave max_trials out, list fewer values, "
+                                                   'or sample some points with sampler = "random"')
         elif self.max_trials is None:
             raise _Problem("study.max_trials", f'is required with sampler = "{self.sampler}": how many trials to run')
         if not _is_int(self.max_retries) or self.max_retries < 0:
             raise _Problem("study.max_retries", f"must be an integer >= 0, got {_describe(self.max_retries)}")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
             raise _Problem("study.seed", f"must be an integer in [0, 2**32), got {_describe(self.seed)}")
+
+
+def _check_distinct_run(runs: dict[str, dict[str, Any]], config: TrainConfig, point: dict[str, Any]) -> None:
+    """Two grid points that are one training run (same fingerprint) would share one checkpoint directory:
+    the second "resumes" the first's finished run, and retention deletes the first's best weights."""
+    first = runs.setdefault(config.fingerprint(), point)
+    if first is point:
+        return
+    differ = [k for k in point if point[k] != first[k]]
+    if set(differ) <= {"max_epochs", "patience"}:
+        why = ("every trial is scored on dev after each epoch, so the longest run holds the shorter ones: "
+               "set the largest in [train]")
+    else:
+        why = f"{' and '.join(differ)} {'does' if len(differ) == 1 else 'do'} not change how a {config.model} " \
+              "model trains: fix it in [train] or drop it"
+    shown = [", ".join(f"{k} = {p[k]!r}" for k in differ) for p in (first, point)]
+    raise _Problem(", ".join(f"search.{k}" for k in differ),
+                   f"the grid points ({shown[0]}) and ({shown[1]}) are the same training run; {why}")
 
 
 def load_study_file(path: str | Path) -> StudySpec:
@@ -452,7 +477,10 @@ def _parse(document: dict[str, Any], path: Path) -> dict[str, Any]:
     if "path" in data:
         if not data["path"].strip():
             raise _Problem("data.path", "is empty; give a CSV file (relative to the study file's directory)")
-        spec["data_path"] = (path.parent / Path(data["path"]).expanduser()).resolve()
+        try:
+            spec["data_path"] = (path.parent / Path(data["path"]).expanduser()).resolve()
+        except (RuntimeError, ValueError, OSError) as exc:  # ~nosuchuser/x.csv, a NUL byte: was a traceback
+            raise _Problem("data.path", f"{_describe(data['path'])} is not a usable path: {exc}") from None
     if "subset" in data:
         subset = _check_keys(data["subset"], _SUBSET_KEYS, "data.subset")
         missing = [k for k in _SUBSET_KEYS if k not in subset]

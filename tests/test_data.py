@@ -403,3 +403,17 @@ def test_interrupted_download_leaves_no_partial_file(
     with pytest.raises(DataError, match="--data"):
         download_emobank(dest, sha256=hashlib.sha256(payload).hexdigest())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unknown_home_directory_is_one_line_wherever_it_is_given(monkeypatch: pytest.MonkeyPatch,
+                                                                    clean_env: Path) -> None:
+    text = "~no-such-user-vs/emobank.csv"  # pathlib raises a bare RuntimeError for it
+    with pytest.raises(DataError, match=r"data file .* is not a usable path"):
+        resolve_data_path(text)
+    monkeypatch.setenv("VADSEARCH_DATA", text)
+    with pytest.raises(DataError, match=r"VADSEARCH_DATA .* is not a usable path"):
+        resolve_data_path()
+    monkeypatch.delenv("VADSEARCH_DATA")
+    monkeypatch.setenv("VADSEARCH_CACHE", text)
+    with pytest.raises(DataError, match=r"VADSEARCH_CACHE .* is not a usable path"):
+        resolve_data_path()

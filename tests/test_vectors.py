@@ -153,3 +153,21 @@ def test_a_rewritten_file_is_read_again(tmp_path: Path) -> None:
     assert load_vectors(path, VOCAB).matrix[2].tolist() == [1, 1]
     _write(path, ["happy 2 2 2"])  # other size: the memo is keyed on size and mtime
     assert load_vectors(path, VOCAB).matrix[2].tolist() == [2, 2, 2]
+
+
+def test_a_torn_or_mislabelled_gzip_file_is_a_config_error(tmp_path: Path) -> None:
+    data = gzip.compress(("happy 1 2 3\n" * 5000).encode())
+    torn = tmp_path / "torn.txt.gz"
+    torn.write_bytes(data[: len(data) // 2])  # an interrupted download
+    plain = tmp_path / "plain.txt.gz"
+    plain.write_text("happy 1 2 3\n", encoding="utf-8")  # not gzipped at all
+    for path in (torn, plain):
+        with pytest.raises(ConfigError, match=f"cannot read word vectors {path}"):
+            load_vectors(path, VOCAB)
+
+
+def test_an_unusable_vectors_path_is_a_config_error() -> None:
+    from vadsearch.vectors import resolve_vectors
+
+    with pytest.raises(ConfigError, match=r"word vectors '~no-such-user-vs/glove.txt' is not a usable path"):
+        resolve_vectors("~no-such-user-vs/glove.txt")

@@ -129,10 +129,19 @@ def cache_dir() -> Path:
     The directory is not created here; only a download needs it to exist.
     """
     if os.environ.get("VADSEARCH_CACHE"):
-        return Path(os.environ["VADSEARCH_CACHE"]).expanduser()
+        return user_path(os.environ["VADSEARCH_CACHE"], "VADSEARCH_CACHE")
     if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "vadsearch"
+        return user_path(os.environ["XDG_CACHE_HOME"], "XDG_CACHE_HOME") / "vadsearch"
     return Path.home() / ".cache" / "vadsearch"
+
+
+def user_path(text: str | Path, what: str, error: type[Exception] = DataError) -> Path:
+    """`text` with a leading ~ expanded; a ~user that does not exist (a typo: pathlib raises a bare
+    RuntimeError for it) is one line naming `what`."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError as exc:
+        raise error(f"{what} {str(text)!r} is not a usable path: {exc}") from None
 
 
 def resolve_data_path(path: str | Path | None = None, *, download: bool = True) -> Path:
@@ -142,12 +151,12 @@ def resolve_data_path(path: str | Path | None = None, *, download: bool = True) 
     because the user asked for that file and would otherwise get a different corpus without noticing.
     """
     if path is not None:
-        explicit = Path(path).expanduser()
+        explicit = user_path(path, "data file")
         if not explicit.exists():
             raise DataError(f"data file {explicit} does not exist; check the path passed with --data")
         return explicit
     if os.environ.get("VADSEARCH_DATA"):
-        from_env = Path(os.environ["VADSEARCH_DATA"]).expanduser()
+        from_env = user_path(os.environ["VADSEARCH_DATA"], "VADSEARCH_DATA")
         if not from_env.exists():
             raise DataError(
                 f"VADSEARCH_DATA points to {from_env}, which does not exist; fix or unset the variable"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vadsearch.data import cache_dir
+from vadsearch.data import cache_dir, user_path
 from vadsearch.download import DownloadError, download_verified
 from vadsearch.encoding import Vocabulary
 from vadsearch.errors import ConfigError
@@ -34,7 +34,7 @@ def resolve_vectors(name_or_path: str, *, download: bool = True) -> Path:
     The name, not the path, is what a study records, so workers on machines with different cache
     locations share checkpoints and results.
     """
-    path = Path(name_or_path).expanduser()
+    path = user_path(name_or_path, "word vectors", ConfigError)
     if path.is_file():
         return path
     if name_or_path not in NAMED_VECTORS:
@@ -87,7 +87,10 @@ def load_vectors(name_or_path: str | Path, vocab: Vocabulary, seed: int = 0) -> 
     """Memoised per process: a grid runs many trials on the same file and vocabulary."""
     path = resolve_vectors(str(name_or_path))
     stat = path.stat()
-    return _load_vectors(str(path.resolve()), stat.st_mtime_ns, stat.st_size, vocab, seed)
+    try:
+        return _load_vectors(str(path.resolve()), stat.st_mtime_ns, stat.st_size, vocab, seed)
+    except (OSError, EOFError) as exc:  # a torn download, a .gz that is not gzipped: one line, not a traceback
+        raise ConfigError(f"cannot read word vectors {path}: {exc}; download them again or pass another file") from None
 
 
 @functools.lru_cache(maxsize=2)

@@ -22,9 +22,10 @@ from contextlib import contextmanager
 import torch
 
 from vadsearch.errors import GpuMemoryError, TrainingError
+from vadsearch.launch import CONTEXT_MIB
 
 GIB = 1024**3
-CONTEXT_BYTES = 512 * 2**20  # a process's CUDA context, beside what its allocator holds
+CONTEXT_BYTES = CONTEXT_MIB * 2**20
 # Memory failures that torch raises as a plain RuntimeError (AcceleratorError): a CUDA call, a cuBLAS or a
 # cuDNN workspace that could not be allocated, the likes of which a new process meets on a full card.
 _OTHER_OUT_OF_MEMORY = re.compile(r"out of memory|CUBLAS_STATUS_ALLOC_FAILED|CUDNN_STATUS_ALLOC_FAILED")

@@ -143,7 +143,7 @@ def unfinished(study: str, settled: int, total: int, running: int, workers: int,
 
 AUTO_WORKERS_PER_GPU = 4  # before any trial of the study has recorded its peak memory
 MAX_AUTO_WORKERS_PER_GPU = 16
-CONTEXT_MIB = 512  # each process's CUDA context, as gpumemory.CONTEXT_BYTES (not imported: it loads torch)
+CONTEXT_MIB = 512  # each process's CUDA context, beside what its allocator holds (gpumemory reads it here)
 
 
 def parse_workers_per_gpu(text: str | None) -> int | str | None:

@@ -388,3 +388,20 @@ def test_grid_of_a_sampler_study_is_an_error():
     with pytest.raises(StudyFileError, match="grid\\(\\) needs a grid study"):
         load_study_file(STUDIES / "lstm-tpe.toml").grid()
 
+
+@pytest.mark.parametrize("search, size", [
+    ("", 1),
+    ('lr = [0.001, 0.01]\nbidirectional = [false, true]', 4),
+    ("layers = { low = 1, high = 3 }\nhidden_size = { low = 64, high = 256, step = 64 }", 12),
+    ("dropout = { low = 0.0, high = 0.5, step = 0.1 }", 6),
+])
+def test_a_sampled_study_asking_for_more_trials_than_its_space_holds_is_refused(tmp_path, search, size):
+    """A sampler could only propose configurations already run: the study would never finish."""
+    text = f'[study]\nsampler = "random"\nmax_trials = {size + 1}\n[train]\nmodel = "lstm"\n[search]\n{search}\n'
+    with pytest.raises(StudyFileError, match=rf"study.max_trials: {size + 1} is more than the {size} distinct "
+                                             r"configurations? of \[search\]"):
+        load_study_file(write(tmp_path, text))
+    assert load_study_file(write(tmp_path, text.replace(f"max_trials = {size + 1}", f"max_trials = {size}")))
+    continuous = text.replace(f"max_trials = {size + 1}", "max_trials = 1000")
+    continuous += "weight_decay = { low = 0.0, high = 0.1 }\n"
+    assert load_study_file(write(tmp_path, continuous)).space_size() is None

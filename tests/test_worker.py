@@ -366,3 +366,109 @@ def test_a_baseline_study_runs_without_loading_torch(tmp_path, tiny_csv):
     assert done.stdout.split() == ["2", "False"]
     scores = {t.user_attrs["dev"]["mse"] for t in optuna.load_study(study_name="b", storage=f"sqlite:///{tmp_path}/b.db").trials}
     assert len(scores) == 1 and scores.pop() > 0  # both seeds score the same constant, really scored
+
+
+# Sampled studies: every worker draws configurations of its own, and none is trained twice.
+
+
+@pytest.fixture
+def sampled(tmp_path, tiny_csv):
+    def make(search: str, max_trials: int, sampler: str = "random", study: str = ""):
+        path = tmp_path / "r.toml"
+        path.write_text(f'[study]\nname = "r"\nsampler = "{sampler}"\nmax_trials = {max_trials}\n{study}\n'
+                        f"[data]\npath = {json.dumps(str(tiny_csv))}\n\n"
+                        '[train]\nmodel = "lstm"\nmax_epochs = 1\nbatch_size = 16\nembedding_dim = 8\nlayers = 1\n'
+                        f"hidden_size = 4\n\n[search]\n{search}\n")
+        options = WorkerOptions(storage=f"sqlite:///{tmp_path}/r.db", artifacts=tmp_path / "art", device="cpu",
+                                progress=False, grace_period=2, heartbeat_interval=1)
+        return load_study_file(path), options
+
+    return make
+
+
+def test_workers_of_one_seeded_study_draw_streams_of_their_own(sampled):
+    spec, _ = sampled("lr = { low = 0.0001, high = 0.01, log = true }", max_trials=4)
+
+    def first(sampler) -> float:
+        return optuna.create_study(sampler=sampler).ask().suggest_float("lr", 1e-4, 1e-2, log=True)
+
+    assert first(spec.make_sampler("host:1")) == first(spec.make_sampler("host:1"))  # still seeded
+    assert first(spec.make_sampler("host:1")) != first(spec.make_sampler("host:2"))
+
+
+def test_a_restarted_worker_of_a_seeded_study_draws_new_configurations(sampled):
+    """Sampler state is not in the database: seeded alike, a worker started again proposed again what the
+    one before it had run (and several workers started at once proposed the same configurations)."""
+    spec, options = sampled("lr = { low = 0.0001, high = 0.01, log = true }", max_trials=4)
+    assert Worker(spec, dataclasses.replace(options, n_trials=2)).run().trials == [0, 1]
+    assert Worker(spec, options).run().stopped == "finished"
+    study = load(options, "r")
+    assert len(study.trials) == 4 and all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert set(points_finished(study).values()) == {1} and len(points_finished(study)) == 4
+
+
+def test_a_repeated_configuration_is_not_trained_and_a_stuck_sampler_is_overcome(sampled, monkeypatch, caplog):
+    from vadsearch import report, studyfile, worker as worker_module
+
+    spec, options = sampled("dropout = [0.0, 0.5]", max_trials=2, sampler="tpe")
+    stuck = optuna.samplers.PartialFixedSampler({"dropout": 0.0}, optuna.samplers.RandomSampler(seed=0))
+    monkeypatch.setattr(studyfile.StudySpec, "make_sampler", lambda self, stream="": stuck)
+    caplog.set_level(logging.INFO, logger="vadsearch.worker")
+    summary = Worker(spec, dataclasses.replace(options, n_trials=10)).run()  # repeats do not count
+    assert summary.stopped == "finished" and summary.states["COMPLETE"] == 2 == len(summary.trials)
+    study = load(options, "r")
+    assert sorted(points_finished(study).values()) == [1, 1]
+    repeats = [t for t in study.trials if t.user_attrs.get("orphan")]
+    assert len(repeats) >= worker_module.REPEATS_BEFORE_RANDOM  # then drawn at random, until 0.5 came up
+    first = study.trials[0]
+    assert first.params == {"dropout": 0.0} and first.state == TrialState.COMPLETE
+    assert all(t.state == TrialState.FAIL and t.user_attrs["repeat_of"] == 0 and "config" not in t.user_attrs
+               for t in repeats)
+    assert sum("resumed from" in m for m in caplog.messages) == 0  # nothing trained twice
+    assert len(report.leaderboard(study)) == 2  # left out of tables and counts, as orphans are
+    assert report.status(open_storage(options.storage))[0]["fail"] == 0
+
+
+def test_a_configuration_running_elsewhere_is_waited_for_not_trained_beside_it(sampled, monkeypatch):
+    """Two trials of one configuration would train in one run directory at once."""
+    from vadsearch import studyfile
+
+    spec, options = sampled("dropout = [0.0, 0.5]", max_trials=2, sampler="tpe")
+    assert Worker(spec, dataclasses.replace(options, n_trials=0)).run().trials == []  # creates the study
+    study = load(options, "r")
+    elsewhere = study.ask({"dropout": optuna.distributions.CategoricalDistribution([0.0, 0.5])})
+    study._storage.set_trial_user_attr(elsewhere._trial_id, "point", point_key({"dropout": 0.0}))
+    # Its worker died before its first heartbeat: it goes stale after the grace period, and is run again.
+    stuck = optuna.samplers.PartialFixedSampler({"dropout": 0.0}, optuna.samplers.RandomSampler(seed=0))
+    monkeypatch.setattr(studyfile.StudySpec, "make_sampler", lambda self, stream="": stuck)
+    assert Worker(spec, options).run().stopped == "finished"
+    study = load(options, "r")
+    assert study.trials[elsewhere.number].state == TrialState.FAIL
+    assert sorted(points_finished(study).values()) == [1, 1]
+    waited = [t for t in study.trials if t.user_attrs.get("repeat_of") == elsewhere.number]
+    assert len(waited) >= 2  # drawn while it ran, each after a pause
+    trained = [t for t in study.get_trials(states=(TrialState.COMPLETE,)) if t.params == {"dropout": 0.0}]
+    assert trained[0].datetime_start > study.trials[elsewhere.number].datetime_complete  # only once it failed
+
+
+def test_a_configuration_given_up_on_is_not_proposed_to_training_again(sampled, monkeypatch):
+    from vadsearch import studyfile
+
+    spec, options = sampled("dropout = [0.0, 0.5]", max_trials=2, sampler="tpe", study="max_retries = 0")
+    real_train, trained = vadsearch.train.train, []
+
+    def failing(config, *args, **kwargs):
+        trained.append(config.dropout)
+        if config.dropout == 0.0:
+            raise ValueError("this configuration cannot train")
+        return real_train(config, *args, **kwargs)
+
+    monkeypatch.setattr(vadsearch.train, "train", failing)
+    stuck = optuna.samplers.PartialFixedSampler({"dropout": 0.0}, optuna.samplers.RandomSampler(seed=0))
+    monkeypatch.setattr(studyfile.StudySpec, "make_sampler", lambda self, stream="": stuck)
+    summary = Worker(spec, dataclasses.replace(options, n_trials=10)).run()
+    assert summary.stopped == "finished" and trained.count(0.0) == 1 and trained.count(0.5) == 1
+    study = load(options, "r")
+    assert study.trials[0].user_attrs["fail_reason"] == "ValueError: this configuration cannot train"
+    repeats = [t for t in study.trials if t.user_attrs.get("orphan")]
+    assert repeats and {t.user_attrs["repeat_of"] for t in repeats} == {0}

@@ -8,8 +8,9 @@ What a worker stores, and what this module reads:
 - objective value: dev MSE of the trial's best epoch (lower is better);
 - trial user attrs: `point`, `worker`, `config`, `checkpoint_dir`, `epochs_done`, `best_epoch`,
   `dev` / `test` (`Scores.as_dict`), `seconds`, how a failed trial failed (`vadsearch.failures`), and
-  `orphan` on stray trials that a race between grid workers could create before they ran queued trials
-  only. Orphans are left out of every table and count.
+  `orphan` on trials that trained nothing: a sampled configuration that another trial ran or runs
+  (`repeat_of` names it), or a stray trial of a race between grid workers in earlier versions. Orphans
+  are left out of every table and count.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import itertools
 import math
 import re
@@ -94,6 +95,14 @@ class Param:
         if self.choices is not None:
             return "categorical"
         return "int" if _is_int(self.low) and _is_int(self.high) else "float"
+
+    def size(self) -> int | None:
+        """How many distinct values this axis can take; None for a continuous range."""
+        if self.choices is not None:
+            return len(self.choices)
+        if self.kind == "int":
+            return (self.high - self.low) // (self.step or 1) + 1
+        return None if self.step is None else round((self.high - self.low) / self.step) + 1
 
     def edges(self) -> tuple:
         """The values that bound this axis: every choice, or both ends of the range."""
@@ -192,7 +201,8 @@ class StudySpec:
     max_retries: int = 2
     """How many times a grid point whose trial failed is tried again."""
     seed: int = 0
-    """The sampler's seed (the training seed is `base.seed`)."""
+    """The sampler's seed, from which each worker draws a stream of its own (the training seed is
+    `base.seed`)."""
     pruner: PrunerSpec | None = None
 
     def __post_init__(self) -> None:
@@ -215,6 +225,11 @@ class StudySpec:
     def grid_size(self) -> int:
         return math.prod(len(p.choices) for p in self.space)
 
+    def space_size(self) -> int | None:
+        """How many distinct configurations the search space holds; None when an axis is continuous."""
+        sizes = [p.size() for p in self.space]
+        return None if None in sizes else math.prod(sizes)
+
     def config_for(self, params: dict[str, Any]) -> TrainConfig:
         """The training configuration of one trial: the fixed options with `params` on top."""
         return self.base.replace(**params) if params else self.base
@@ -231,13 +246,24 @@ class StudySpec:
                 params[p.name] = trial.suggest_float(p.name, p.low, p.high, step=p.step, log=p.log)
         return params
 
-    def make_sampler(self) -> optuna.samplers.BaseSampler:
-        """TPE or random, seeded. A grid study samples nothing: the worker enqueues its points."""
+    def make_sampler(self, stream: str = "") -> optuna.samplers.BaseSampler:
+        """TPE or random, seeded by `seed` and `stream`. A grid study samples nothing: the worker enqueues
+        its points.
+
+        Workers pass their own `stream`: sampler state is not stored in the database, so workers seeded
+        alike would propose the same configurations at once (TPE's random start-up trials, every trial of
+        random search), and a restarted worker would propose again those it proposed before.
+        """
         import optuna
 
+        seed = self.stream_seed(stream) if stream else self.seed
         if self.sampler == "tpe":
-            return optuna.samplers.TPESampler(seed=self.seed)
-        return optuna.samplers.RandomSampler(seed=self.seed)
+            return optuna.samplers.TPESampler(seed=seed)
+        return optuna.samplers.RandomSampler(seed=seed)
+
+    def stream_seed(self, stream: str) -> int:
+        """A seed of its own for `stream`, drawn from the study's seed."""
+        return int.from_bytes(hashlib.sha256(f"{self.seed}:{stream}".encode()).digest()[:4], "big")
 
     def make_pruner(self) -> optuna.pruners.BasePruner:
         import optuna
@@ -392,6 +418,11 @@ class StudySpec:
                                                    'or sample some points with sampler = "random"')
         elif self.max_trials is None:
             raise _Problem("study.max_trials", f'is required with sampler = "{self.sampler}": how many trials to run')
+        elif (size := self.space_size()) is not None and self.max_trials > size:
+            # The sampler could only propose configurations already run: the study would never finish.
+            raise _Problem("study.max_trials", f"{self.max_trials} is more than the {size} distinct configuration"
+                                               f"{'s' * (size != 1)} of [search]: lower it, or run them all with "
+                                               'sampler = "grid"')
         if not _is_int(self.max_retries) or self.max_retries < 0:
             raise _Problem("study.max_retries", f"must be an integer >= 0, got {_describe(self.max_retries)}")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**32:

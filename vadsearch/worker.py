@@ -10,7 +10,9 @@ searched parameters as canonical JSON). Each point's trials tell its story:
 - FAIL with `interrupted` or `machine_fault` (Ctrl-C; a checkpoint that could not be written, a GPU
   shared by too many workers): always requeued, and the worker stops;
 - FAIL with neither: its worker died and its heartbeat went stale; requeued up to `max_stale_retries`
-  (`vadsearch.failures` tells these apart, for reports too).
+  (`vadsearch.failures` tells these apart, for reports too);
+- FAIL with `orphan` and `repeat_of`: a sampler proposed a configuration that another trial ran, runs or
+  gave up on; nothing was trained, and it counts nowhere.
 
 Requeuing happens only in `reconcile`, under a lock on the study, so two workers never queue the same
 point twice. A requeued point resumes from the epoch checkpoints in its run directory, which is named
@@ -51,6 +53,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STUDY_ATTR = "vadsearch"
+REPEATS_BEFORE_RANDOM = 5
+"""Sampled trials in a row that repeat a configuration before the worker's next ones draw at random."""
+
+
+class RepeatedConfiguration(Exception):
+    """A sampler proposed a configuration that another trial ran or runs."""
 
 
 def point_key(params: dict[str, Any]) -> str:
@@ -112,9 +120,10 @@ class _Outcome:
     """How the objective of one trial ended: what the worker does once Optuna has stored it."""
 
     number: int
-    state: str = "FAIL"
+    state: str = "FAIL"  # or COMPLETE, PRUNED, REPEAT (a configuration already run or running: not trained)
     value: float | None = None
     run_dir: Path | None = None
+    repeats_running: bool = False  # REPEAT of a trial still running
 
 
 @dataclass
@@ -198,19 +207,21 @@ def _completed(point: _Point, trials) -> bool:
 
 
 def open_study(
-    spec: StudySpec, storage: optuna.storages.RDBStorage, max_stale_retries: int, data_sha256: str
+    spec: StudySpec, storage: optuna.storages.RDBStorage, max_stale_retries: int, data_sha256: str,
+    sampler: optuna.samplers.BaseSampler | None = None,
 ) -> optuna.Study:
     """Create the study or join it; refuse to join one whose search space or data differ from ours."""
     import optuna
 
     description = {**spec.to_dict(), "data_sha256": data_sha256}
+    sampler = sampler or spec.make_sampler()
     with study_lock(storage, spec.name):
         try:
-            study = optuna.load_study(study_name=spec.name, storage=storage, sampler=spec.make_sampler(),
+            study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler,
                                       pruner=spec.make_pruner())
         except KeyError:
             study = optuna.create_study(study_name=spec.name, storage=storage, direction="minimize",
-                                        sampler=spec.make_sampler(), pruner=spec.make_pruner())
+                                        sampler=sampler, pruner=spec.make_pruner())
             study.set_user_attr(STUDY_ATTR, description)
             log.info("created study %s (%s)", spec.name, mask(storage.url))
     stored = study.user_attrs.get(STUDY_ATTR)
@@ -238,11 +249,18 @@ def _searched(description: dict[str, Any]) -> str:
 
 class _NoTracebacks(logging.Filter):
     """Optuna logs a failed trial with its traceback; the reason is stored on the trial and one line
-    is enough in a worker's log (a Ctrl-C especially is no error)."""
+    is enough in a worker's log (a Ctrl-C especially is no error). A repeated configuration is no
+    failure at all: Optuna's two lines about it are dropped, the worker logs one of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.repeats: set[int] = set()  # numbers of the trials in hand that repeat a configuration
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.exc_info = None
         record.exc_text = None
+        if self.repeats and record.name.startswith("optuna."):
+            return not any(record.getMessage().startswith(f"Trial {n} failed") for n in self.repeats)
         return True
 
 
@@ -269,6 +287,8 @@ class Worker:
         self._outcome: _Outcome | None = None  # of the trial in hand; settled after Optuna stored it
         self._last_identity: tuple[str | None, dict[str, Any]] = (None, {})
         self._device = "none (no model to train)"
+        self._repeats = 0  # trials in a row whose sampled configuration was run or running already
+        self._repeat_active = False  # the last one repeats a trial still running: wait before asking again
         self._torch_device = None  # where trials train, once torch is loaded: its memory is released after each
 
     # --- before the first trial: everything that could fail for every trial fails here, once -----
@@ -334,7 +354,11 @@ class Worker:
         # A queued trial's identity is written in the transaction that starts it, not in one of its own.
         storage.on_start = self._start_attrs
         storage.queue_only = self.spec.sampler == "grid"  # a grid samples nothing: it runs queued points
-        study = open_study(self.spec, storage, opts.max_stale_retries, self._corpus.sha256)
+        # A stream of the study's seed for this worker alone: see StudySpec.make_sampler.
+        stream = f"{self.name}:{time.time_ns()}"
+        sampler = self.spec.make_sampler(stream)
+        study = open_study(self.spec, storage, opts.max_stale_retries, self._corpus.sha256, sampler)
+        self._samplers = (sampler, optuna.samplers.RandomSampler(seed=self.spec.stream_seed(f"{stream}:random")))
         log.info("worker %s on study %s (%s), device %s", self.name, self.spec.name, mask(storage.url), self._device)
         started = time.monotonic()
         try:
@@ -386,6 +410,12 @@ class Worker:
                     time.sleep(opts.poll_interval)
                     continue
             self._taken_over = self._machine_fault = None
+            if self._repeat_active:
+                self._repeat_active = False
+                time.sleep(opts.poll_interval)  # the configuration it drew runs elsewhere: let it go on
+            # A sampler that keeps proposing what was run (TPE in a small discrete space) draws at random
+            # until a trial trains: each draw then hits one of the configurations not run yet.
+            study.sampler = self._samplers[self._repeats >= REPEATS_BEFORE_RANDOM]
             try:
                 self._outcome = None
                 study.optimize(self._objective, n_trials=1, catch=(Exception,))
@@ -429,7 +459,8 @@ class Worker:
         waiting = any(t.state == TrialState.WAITING for t in trials)
         if not waiting and reconcile(study, self.spec, max_stale) == 0:
             in_hand = sum(p.settled or p.active for p in points.values())
-            if self.spec.sampler == "grid" or in_hand >= self.spec.max_trials:
+            size = self.spec.space_size()  # None for a continuous space: never all in hand
+            if self.spec.sampler == "grid" or in_hand >= self.spec.max_trials or (size and in_hand >= size):
                 return "wait"
         return "run"
 
@@ -443,6 +474,12 @@ class Worker:
         outcome, self._outcome = self._outcome, None
         if outcome is None:  # a trial that never reached the objective
             return
+        self._repeat_active = outcome.repeats_running
+        if outcome.state == "REPEAT":  # trained nothing: not one of the trials --n-trials counts
+            _NO_TRACEBACKS.repeats.discard(outcome.number)  # Optuna has logged it by now
+            self._repeats += 1
+            return
+        self._repeats = 0
         self.summary.trials.append(outcome.number)
         self.summary.states[outcome.state] += 1
         if outcome.state == "COMPLETE":
@@ -464,6 +501,8 @@ class Worker:
         from vadsearch.reconnect import DatabaseUnreachable
 
         params = self.spec.suggest(trial)
+        if self.spec.sampler != "grid":
+            self._refuse_repeat(trial, point_key(params))
         config = self.spec.config_for(params)
         identity = self._identity(params)
         run_dir = self._outcome.run_dir = Path(identity["checkpoint_dir"])
@@ -532,6 +571,32 @@ class Worker:
             set_user_attrs_with_final_state(trial, {"fail_reason": f"{type(exc).__name__}: {reason}"[:500]})
             raise
         return result.dev.mse
+
+    def _refuse_repeat(self, trial: optuna.Trial, key: str) -> None:
+        """End a sampled trial, untrained, whose configuration another trial settled (ran, or failed until
+        given up) or runs (an earlier one of the two, where both run: exactly one of them trains). It would
+        share that trial's run directory, and add nothing to the study. Failed, not given the other's score,
+        so the sampler learns nothing twice; left out of every count and table, like any orphan."""
+        from optuna.trial import TrialState
+
+        same = [t for t in trial.study.get_trials(deepcopy=False)
+                if t.number != trial.number and not t.user_attrs.get("orphan")
+                and (t.user_attrs.get("point") or (point_key(t.params) if t.params else None)) == key]
+        ran = [t for t in same if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        runs = [t for t in same if t.state in (TrialState.RUNNING, TrialState.WAITING) and t.number < trial.number]
+        if ran:
+            other, what = ran[0], "ran"
+        elif runs:
+            other, what = runs[0], "runs"
+        elif (point := survey(self.spec, same, self.options.max_stale_retries).get(key)) and point.settled:
+            other, what = same[-1], "failed, and the configuration was given up on,"
+        else:
+            return
+        self._outcome.state, self._outcome.repeats_running = "REPEAT", bool(runs) and not ran
+        set_user_attrs_with_final_state(trial, {"orphan": True, "repeat_of": other.number, "point": key})
+        _NO_TRACEBACKS.repeats.add(trial.number)
+        log.info("trial %d: %s, which trial %d %s already; not trained", trial.number, key, other.number, what)
+        raise RepeatedConfiguration(f"trial {other.number} {what} this configuration already")
 
     @staticmethod
     def _gave_way_before(trial: optuna.Trial, key: str) -> bool:

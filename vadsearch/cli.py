@@ -687,7 +687,7 @@ def predict(
         Optional[Path],
         typer.Option("--file", help="One sentence per line, or a .csv with a `text` column; - is stdin."),
     ] = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table, csv or json.")] = "table",
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table, markdown, csv or json.")] = "table",
     batch_size: Annotated[Optional[int], typer.Option(help="Sentences per batch. Default: the run's eval batch.")]
     = None,
     storage: StorageOpt = None,
@@ -708,7 +708,7 @@ def predict(
     from vadsearch import report as reports
 
     if fmt not in ("table", "markdown", "csv", "json"):
-        raise ConfigError(f"--format must be table, csv or json; got {fmt!r}")
+        raise ConfigError(f"--format must be table, markdown, csv or json; got {fmt!r}")
     sentences = list(texts or []) + (predictions.read_texts(file) if file is not None else [])
     if not sentences:
         raise ConfigError("nothing to rate: give sentences as arguments or --file FILE")

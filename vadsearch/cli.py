@@ -545,6 +545,7 @@ def compare(
 
     Example: vadsearch compare baseline lstm bert bert-cased bert-freeze --format markdown
     """
+    _setup_logging(True)  # a warning (studies scored on different sentences) in the format of every other
     from vadsearch import report as reports
 
     opened = _open(storage)

@@ -472,3 +472,51 @@ def test_a_configuration_given_up_on_is_not_proposed_to_training_again(sampled, 
     assert study.trials[0].user_attrs["fail_reason"] == "ValueError: this configuration cannot train"
     repeats = [t for t in study.trials if t.user_attrs.get("orphan")]
     assert repeats and {t.user_attrs["repeat_of"] for t in repeats} == {0}
+
+
+def test_a_trial_beyond_max_trials_is_not_trained(sampled, monkeypatch):
+    """Workers that surveyed a study at the same moment each started one more trial than it had left."""
+    import threading
+    import time
+
+    spec, options = sampled("lr = { low = 0.0001, high = 0.01, log = true }", max_trials=2)
+    assert Worker(spec, dataclasses.replace(options, n_trials=0)).run().trials == []  # creates the study
+    storage = open_storage(options.storage)
+    study = optuna.load_study(study_name="r", storage=storage)
+    held = []
+
+    def another_worker_starts() -> None:
+        trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+        study._storage.set_trial_user_attr(trial._trial_id, "point", point_key(trial.params))
+        held.append(trial)
+
+    another_worker_starts()
+    real_survey = Worker._survey_and_queue
+
+    def survey_then_another_starts(self, study):  # one slot left when surveyed, none when its trial starts
+        found = real_survey(self, study)
+        if len(held) == 1:
+            another_worker_starts()
+        return found
+
+    monkeypatch.setattr(Worker, "_survey_and_queue", survey_then_another_starts)
+
+    def other_workers() -> None:  # beat until the worker below has started a trial, then finish
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(study.get_trials(deepcopy=False)) < 3:
+            for trial in held:
+                storage.record_heartbeat(trial._trial_id)
+            time.sleep(0.3)
+        time.sleep(0.5)
+        for trial in held:
+            study.tell(trial, 0.1)
+
+    beating = threading.Thread(target=other_workers)
+    beating.start()
+    summary = Worker(spec, options).run()
+    beating.join()
+    assert summary.stopped == "finished" and summary.trials == []
+    study = load(options, "r")
+    assert study.trials[2].user_attrs.get("surplus") and study.trials[2].state == TrialState.FAIL
+    assert "config" not in study.trials[2].user_attrs  # never trained: no run directory was named
+    assert sorted(points_finished(study)) == sorted(point_key(t.params) for t in held)  # no third

@@ -11,8 +11,8 @@ searched parameters as canonical JSON). Each point's trials tell its story:
   shared by too many workers): always requeued, and the worker stops;
 - FAIL with neither: its worker died and its heartbeat went stale; requeued up to `max_stale_retries`
   (`vadsearch.failures` tells these apart, for reports too);
-- FAIL with `orphan` and `repeat_of`: a sampler proposed a configuration that another trial ran, runs or
-  gave up on; nothing was trained, and it counts nowhere.
+- FAIL with `orphan` and `repeat_of` or `surplus`: a sampler proposed a configuration that another trial
+  ran, runs or gave up on, or one beyond `max_trials`; nothing was trained, and it counts nowhere.
 
 Requeuing happens only in `reconcile`, under a lock on the study, so two workers never queue the same
 point twice. A requeued point resumes from the epoch checkpoints in its run directory, which is named
@@ -57,8 +57,8 @@ REPEATS_BEFORE_RANDOM = 5
 """Sampled trials in a row that repeat a configuration before the worker's next ones draw at random."""
 
 
-class RepeatedConfiguration(Exception):
-    """A sampler proposed a configuration that another trial ran or runs."""
+class NotTrained(Exception):
+    """A sampled trial that is a repeat of another, or beyond the study's max_trials."""
 
 
 def point_key(params: dict[str, Any]) -> str:
@@ -120,7 +120,7 @@ class _Outcome:
     """How the objective of one trial ended: what the worker does once Optuna has stored it."""
 
     number: int
-    state: str = "FAIL"  # or COMPLETE, PRUNED, REPEAT (a configuration already run or running: not trained)
+    state: str = "FAIL"  # or COMPLETE, PRUNED; REPEAT or SURPLUS: not trained (see _refuse_repeat_or_surplus)
     value: float | None = None
     run_dir: Path | None = None
     repeats_running: bool = False  # REPEAT of a trial still running
@@ -475,9 +475,9 @@ class Worker:
         if outcome is None:  # a trial that never reached the objective
             return
         self._repeat_active = outcome.repeats_running
-        if outcome.state == "REPEAT":  # trained nothing: not one of the trials --n-trials counts
+        if outcome.state in ("REPEAT", "SURPLUS"):  # trained nothing: not one of the trials --n-trials counts
             _NO_TRACEBACKS.repeats.discard(outcome.number)  # Optuna has logged it by now
-            self._repeats += 1
+            self._repeats += outcome.state == "REPEAT"
             return
         self._repeats = 0
         self.summary.trials.append(outcome.number)
@@ -502,7 +502,7 @@ class Worker:
 
         params = self.spec.suggest(trial)
         if self.spec.sampler != "grid":
-            self._refuse_repeat(trial, point_key(params))
+            self._refuse_repeat_or_surplus(trial, point_key(params))
         config = self.spec.config_for(params)
         identity = self._identity(params)
         run_dir = self._outcome.run_dir = Path(identity["checkpoint_dir"])
@@ -572,31 +572,43 @@ class Worker:
             raise
         return result.dev.mse
 
-    def _refuse_repeat(self, trial: optuna.Trial, key: str) -> None:
+    def _refuse_repeat_or_surplus(self, trial: optuna.Trial, key: str) -> None:
         """End a sampled trial, untrained, whose configuration another trial settled (ran, or failed until
-        given up) or runs (an earlier one of the two, where both run: exactly one of them trains). It would
-        share that trial's run directory, and add nothing to the study. Failed, not given the other's score,
-        so the sampler learns nothing twice; left out of every count and table, like any orphan."""
+        given up) or runs (an earlier one of the two, where both run: exactly one of them trains), or that
+        would go beyond `max_trials`, counting the configurations settled and those that earlier trials
+        run. A repeat would share the other trial's run directory and add nothing; a surplus trial is
+        what workers that surveyed the study at the same moment would otherwise all start. Failed, not
+        given another's score, so the sampler learns nothing twice; left out of every count and table,
+        like any orphan."""
         from optuna.trial import TrialState
 
-        same = [t for t in trial.study.get_trials(deepcopy=False)
-                if t.number != trial.number and not t.user_attrs.get("orphan")
-                and (t.user_attrs.get("point") or (point_key(t.params) if t.params else None)) == key]
+        def key_of(t) -> str | None:
+            return t.user_attrs.get("point") or (point_key(t.params) if t.params else None)
+
+        others = [t for t in trial.study.get_trials(deepcopy=False)
+                  if t.number != trial.number and not t.user_attrs.get("orphan")]
+        points = survey(self.spec, others, self.options.max_stale_retries)
+        earlier = [t for t in others if t.state in (TrialState.RUNNING, TrialState.WAITING) and t.number < trial.number]
+        same = [t for t in others if key_of(t) == key]
         ran = [t for t in same if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-        runs = [t for t in same if t.state in (TrialState.RUNNING, TrialState.WAITING) and t.number < trial.number]
-        if ran:
-            other, what = ran[0], "ran"
-        elif runs:
-            other, what = runs[0], "runs"
-        elif (point := survey(self.spec, same, self.options.max_stale_retries).get(key)) and point.settled:
-            other, what = same[-1], "failed, and the configuration was given up on,"
-        else:
-            return
-        self._outcome.state, self._outcome.repeats_running = "REPEAT", bool(runs) and not ran
-        set_user_attrs_with_final_state(trial, {"orphan": True, "repeat_of": other.number, "point": key})
+        runs = [t for t in earlier if key_of(t) == key]
+        if ran or runs or (key in points and points[key].settled):
+            other, what = (ran[0], "ran") if ran else (runs[0], "runs") if runs else (
+                same[-1], "failed, and the configuration was given up on,")
+            self._outcome.state, self._outcome.repeats_running = "REPEAT", bool(runs) and not ran
+            self._not_trained(trial, {"repeat_of": other.number, "point": key},
+                              f"{key}, which trial {other.number} {what} already")
+        ahead = {k for k, p in points.items() if p.settled} | ({key_of(t) for t in earlier} - {None})
+        if len(ahead) >= self.spec.max_trials:
+            self._outcome.state = "SURPLUS"
+            self._not_trained(trial, {"surplus": True, "point": key},
+                              f"{key}, beyond the study's {self.spec.max_trials} trials, all run or running")
+
+    def _not_trained(self, trial: optuna.Trial, attrs: dict[str, Any], why: str) -> None:
+        set_user_attrs_with_final_state(trial, {"orphan": True, **attrs})
         _NO_TRACEBACKS.repeats.add(trial.number)
-        log.info("trial %d: %s, which trial %d %s already; not trained", trial.number, key, other.number, what)
-        raise RepeatedConfiguration(f"trial {other.number} {what} this configuration already")
+        log.info("trial %d: %s; not trained", trial.number, why)
+        raise NotTrained(why)
 
     @staticmethod
     def _gave_way_before(trial: optuna.Trial, key: str) -> bool:

@@ -15,9 +15,11 @@ from vadsearch.launch import (
     LaunchPlan,
     auto_workers_per_gpu,
     check_gpus,
+    describe_exits,
     gpu_memory_mib,
     parse_gpus,
     parse_workers_per_gpu,
+    sort_exits,
     threads_per_worker,
     visible_devices,
 )
@@ -188,3 +190,11 @@ def test_launch_auto_sizes_from_the_studys_recorded_peak(tmp_path, tiny_csv, mon
     assert "started 2 worker(s) on auto" in result.output
     status = CliRunner().invoke(app, ["status"]).output
     assert re.search(r"^auto \(lstm, grid\): .*; GPU memory per trial up to 30,000 MiB$", status, re.MULTILINE)
+
+
+def test_a_failed_worker_is_named_with_how_it_stopped() -> None:
+    # A worker killed by the OOM killer (SIGKILL) leaves a log that ends mid-epoch: the launch says so.
+    codes = [0, 1, -9, 6, -15]
+    failed, gave_way = sort_exits(codes)
+    assert (failed, gave_way) == ([1, 2, 4], [3])
+    assert describe_exits(codes, failed) == "1 (exit code 1), 2 (killed by SIGKILL), 4 (killed by SIGTERM)"

@@ -283,7 +283,10 @@ def worker(
     options = WorkerOptions(storage=storage, artifacts=artifacts, device=device, n_trials=n_trials,
                             timeout=timeout, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                             db_outage_limit=db_timeout, progress=not quiet, keep=keep)
-    summary = Worker(spec, options).run()
+    from vadsearch import interrupts
+
+    with interrupts.handled():  # Ctrl-C: never lost, and a second copy of it (from `launch`) breaks nothing
+        summary = Worker(spec, options).run()
     states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(summary.states.items())) or "none"
     typer.echo(f"worker stopped ({summary.stopped}): ran {len(summary.trials)} trial(s): {states}")
     if summary.stopped == "interrupted":
@@ -330,6 +333,9 @@ def launch(
       vadsearch launch studies/bert.toml --gpus 0,1 --workers-per-gpu auto
     """
     _setup_logging(False)
+    import signal
+
+    from vadsearch import interrupts
     from vadsearch import launch as launcher
     from vadsearch.mps import mps_daemon
     from vadsearch.storage import open_storage, storage_url
@@ -371,17 +377,22 @@ def launch(
         processes = launcher.start(plan)
         typer.echo(f"started {workers} worker(s) on {spec.name}; logs in {log_dir}/")
         try:
-            codes = launcher.wait(processes, on_tick=_progress_bar(spec, url))
+            # SIGTERM (kill, timeout, a supervisor) stops the workers too, as Ctrl-C does: killing the launcher
+            # alone left them running the study on their own.
+            with interrupts.handled(also=(signal.SIGTERM,)):
+                codes = launcher.wait(processes, on_tick=_progress_bar(spec, url))
         except KeyboardInterrupt:
-            typer.echo("interrupted: workers stopped; run the same command again to resume", err=True)
-            raise typer.Exit(130)
+            signum = interrupts.requested() or signal.SIGINT
+            what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+            typer.echo(f"{what}: workers stopped; run the same command again to resume", err=True)
+            raise typer.Exit(128 + signum)
     failed, gave_way = launcher.sort_exits(codes)
     if gave_way:
         typer.echo(f"note: worker(s) {', '.join(map(str, gave_way))} ran out of GPU memory and stopped, leaving "
                    "the GPU to the others; their trials were queued again (next time, fewer --workers-per-gpu)",
                    err=True)
     if failed:
-        typer.echo(f"error: worker(s) {', '.join(map(str, failed))} exited with an error; see {log_dir}/", err=True)
+        typer.echo(f"error: worker(s) {launcher.describe_exits(codes, failed)} stopped; see {log_dir}/", err=True)
         raise typer.Exit(1)
     from vadsearch import report as reports
     from vadsearch.worker import progress

@@ -7,6 +7,7 @@ progress from the storage, and passes Ctrl-C on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -16,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vadsearch import interrupts
 from vadsearch.errors import ConfigError, GpuMemoryError
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,7 @@ def wait(processes: list[subprocess.Popen], on_tick=None, tick: float = 1.0) -> 
     which leave their running trials resumable."""
     try:
         while any(p.poll() is None for p in processes):
+            interrupts.check()  # a Ctrl-C that a finalizer swallowed
             if on_tick:
                 on_tick()
             time.sleep(tick)
@@ -121,6 +124,18 @@ def sort_exits(codes: list[int]) -> tuple[list[int], list[int]]:
     gave_way = [i for i, code in enumerate(codes) if code == GpuMemoryError.exit_code]
     failed = [i for i, code in enumerate(codes) if code not in (0, GpuMemoryError.exit_code)]
     return failed, gave_way
+
+
+def describe_exits(codes: list[int], failed: list[int]) -> str:
+    """`0 (exit code 1), 2 (killed by SIGKILL)`: a killed worker's log ends without a word of why, so saying
+    only "exited with an error; see the logs" sent users to a log that does not tell."""
+    def why(code: int) -> str:
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"killed by {signal.Signals(-code).name}"
+        return f"exit code {code}"
+
+    return ", ".join(f"{i} ({why(codes[i])})" for i in failed)
 
 
 def unfinished(study: str, settled: int, total: int, running: int, workers: int, gave_way: int,

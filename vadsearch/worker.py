@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vadsearch import failures
+from vadsearch import failures, interrupts
 from vadsearch.errors import CheckpointError, GpuMemoryError, MachineFault, StudyFileError, TrainingError
 from vadsearch.fit import fit
 from vadsearch.storage import (
@@ -391,6 +391,7 @@ class Worker:
         opts = self.options
         queue_empty = False
         while True:
+            interrupts.check()  # a Ctrl-C that a finalizer swallowed stops the worker here, not at the study's end
             if opts.n_trials is not None and len(self.summary.trials) >= opts.n_trials:
                 return "n-trials"
             if opts.timeout is not None and time.monotonic() - started >= opts.timeout:
@@ -520,6 +521,7 @@ class Worker:
         def on_epoch(epoch) -> None:
             nonlocal restored
             trial.report(epoch.dev.mse, epoch.epoch)  # its step is the epoch count `status` shows
+            interrupts.check()  # a Ctrl-C that a finalizer swallowed during the epoch stops the trial here
             if epoch.restored:
                 restored += 1
                 return

@@ -1,0 +1,63 @@
+"""Ctrl-C in a `worker` or `launch` process: acted on once, never lost, and a second copy breaks nothing.
+
+Python raises KeyboardInterrupt wherever the main thread is when SIGINT arrives, which fails two ways:
+
+- Inside a finalizer or weakref callback (torch and SQLAlchemy run them at any moment) the exception is
+  printed as "Exception ignored in ..." and dropped: the worker went on to the end of the study, and
+  `launch` waited for it. `check()` raises it again where the work can stop cleanly.
+- One Ctrl-C often arrives twice: a terminal sends it to every process of its foreground group, and
+  `launch` passes it on to its workers (as systemd does with KillMode=control-group). The copy landed in
+  the worker's cleanup: a traceback, exit code 1 or -2 instead of 130, the interrupted trial not queued
+  again. A copy that comes within REPEAT_WINDOW of the first is ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+
+REPEAT_WINDOW = 5.0
+"""Seconds after a SIGINT in which another is a copy of it; a later one is the user insisting: it raises."""
+
+_first: tuple[float, int] | None = None  # when the first stop signal came, and which one
+_active = False  # within `handled()`: elsewhere (a library caller, a later command in-process) check() is a no-op
+
+
+def _handler(signum, frame) -> None:
+    global _first
+    now = time.monotonic()
+    if _first is not None and now - _first[0] < REPEAT_WINDOW:
+        return
+    if _first is None:
+        _first = (now, signum)
+    raise KeyboardInterrupt
+
+
+def requested() -> int | None:
+    """The signal that asked this process to stop (SIGINT, or one of `also`), if any."""
+    return _first[1] if _first is not None else None
+
+
+def check() -> None:
+    """Raise the KeyboardInterrupt of a stop signal that was swallowed where it landed."""
+    if _active and _first is not None:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def handled(also: tuple[int, ...] = ()):
+    """Within: SIGINT (and the signals in `also`) raise KeyboardInterrupt once, as described above."""
+    global _first, _active
+    _first = None
+    signums = (signal.SIGINT, *also)
+    previous = {signum: signal.signal(signum, _handler) for signum in signums}
+    _active = True
+    try:
+        yield
+    finally:
+        _active = False
+        for signum in signums:
+            # Stopping on a signal: a late copy must not break the exit (at shutdown Python puts the default
+            # action back for a handler of its own, and a copy then kills the process: exit -2, not 130).
+            signal.signal(signum, signal.SIG_IGN if _first is not None else previous[signum])

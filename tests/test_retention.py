@@ -109,3 +109,26 @@ def test_workers_apply_the_policy_and_the_best_model_stays_usable(tmp_path, tiny
         else:
             assert names == set(), (number, names)
     assert load_best(loaded, device="cpu").predict(["happy dog"]).shape == (1, 3)
+
+
+def test_study_best_sweeps_a_configuration_that_finished_after_a_ctrl_c(tmp_path):
+    # Ctrl-C fails a trial as interrupted and its retry completes the same configuration in the same run
+    # directory. The failed trial will never be retried again: its directory is not "in use", and its
+    # weights go once another trial is better (before, they stayed for ever, one file per such run).
+    root = tmp_path / "root"
+    study = optuna.create_study()
+    point = {"point": '{"hidden_size": 16}'}
+    study.add_trials([
+        optuna.create_trial(state=TrialState.FAIL, params={}, distributions={},
+                            user_attrs={"checkpoint_dir": "x/resumed", "interrupted": True, **point}),
+        optuna.create_trial(state=TrialState.COMPLETE, value=0.3, params={}, distributions={},
+                            user_attrs={"checkpoint_dir": "x/resumed", **point}),
+        optuna.create_trial(state=TrialState.FAIL, params={}, distributions={},  # still to be retried
+                            user_attrs={"checkpoint_dir": "x/open", "point": '{"hidden_size": 8}'}),
+    ])
+    for name in ("resumed", "open", "current"):
+        touch(root / name, "best-0002.pt", "epoch-0002.pt")
+    retain(study, "study-best", trial_number=99, run_dir=root / "current", dev_mse=0.1, root=root)
+    assert files(root / "resumed") == set()
+    assert files(root / "current") == {"best-0002.pt"}
+    assert files(root / "open") == {"best-0002.pt", "epoch-0002.pt"}

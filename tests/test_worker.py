@@ -243,6 +243,29 @@ def test_reconcile_never_queues_a_point_twice(setup, tmp_path):
     assert len(study.get_trials(states=(TrialState.WAITING,))) == 4
 
 
+def test_a_study_left_undescribed_by_its_creator_is_described_by_the_next_worker(setup, monkeypatch):
+    # Ctrl-C (or a kill, an outage) between creating the study and storing its description left a study
+    # that any study file could join: another search space ran into it, and `status` showed "(None, None)".
+    spec, options = setup()
+    real = optuna.Study.set_user_attr
+
+    def interrupted(self, key, value):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(optuna.Study, "set_user_attr", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Worker(spec, options).run()
+    monkeypatch.setattr(optuna.Study, "set_user_attr", real)
+    assert "vadsearch" not in load(options).user_attrs
+
+    changed, _ = setup("hidden_size = [4, 16]\nlr = [0.001, 0.01]")
+    Worker(spec, dataclasses.replace(options, n_trials=0)).run()
+    with pytest.raises(StudyFileError, match="another search space"):
+        Worker(changed, options).run()
+    assert Worker(spec, options).run().stopped == "finished"
+    assert sorted(points_finished(load(options))) == sorted(point_key(p) for p in spec.grid())
+
+
 def test_joining_with_another_search_space_or_other_data_is_refused_before_any_write(setup, tmp_path):
     spec, options = setup()
     Worker(spec, WorkerOptions(**{**options.__dict__, "n_trials": 1})).run()

@@ -83,7 +83,9 @@ def _sweep(study: optuna.Study, trial_number: int, run_dir: Path, dev_mse: float
 
     candidates = [(_rank(dev_mse), trial_number, run_dir.name)]
     settled, in_use = [], set()
-    for trial in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    finished = {t.user_attrs.get("point") for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+    for trial in trials:
         name = _run_name(trial)
         if name is None or trial.number == trial_number:
             continue
@@ -95,7 +97,9 @@ def _sweep(study: optuna.Study, trial_number: int, run_dir: Path, dev_mse: float
             settled.append(name)
         elif trial.state in (TrialState.RUNNING, TrialState.WAITING):
             in_use.add(name)
-        else:  # FAIL: may be retried, and a retry resumes from these files
+        elif trial.user_attrs.get("point") is None or trial.user_attrs["point"] not in finished:
+            # FAIL: may be retried, and a retry resumes from these files. One whose configuration finished
+            # since (Ctrl-C, then its retry completed) never is: else those weights would stay for ever.
             in_use.add(name)
     best = min(candidates)[2]
     removed = []

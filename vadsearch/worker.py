@@ -222,8 +222,11 @@ def open_study(
         except KeyError:
             study = optuna.create_study(study_name=spec.name, storage=storage, direction="minimize",
                                         sampler=sampler, pruner=spec.make_pruner())
-            study.set_user_attr(STUDY_ATTR, description)
             log.info("created study %s (%s)", spec.name, mask(storage.url))
+        if STUDY_ATTR not in study.user_attrs:
+            # New, or its creator stopped (Ctrl-C, a kill) before describing it: described now, or any
+            # study file could join it.
+            study.set_user_attr(STUDY_ATTR, description)
     stored = study.user_attrs.get(STUDY_ATTR)
     if stored is not None and _searched(stored) != _searched(description):
         raise StudyFileError(

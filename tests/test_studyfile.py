@@ -245,7 +245,21 @@ def test_grid_points_that_are_one_training_run_are_refused(tmp_path, text, keys)
     # Such points share one checkpoint directory: the second trial "resumed" the first's finished run
     # without training, and --keep best then deleted the first trial's best weights.
     message = load_error(write(tmp_path, text))
-    assert f"{keys}: the grid points" in message and "are the same training run" in message
+    assert f"{keys}: the points" in message and "of [search] are the same training run" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "keys"),
+    [('[train]\nmodel = "bert"\n[search]\nhidden_size = { low = 64, high = 512 }\n', "search.hidden_size"),
+     ("[search]\nmax_epochs = { low = 3, high = 9 }\n", "search.max_epochs")],
+)
+def test_sampled_configurations_that_are_one_training_run_are_refused(tmp_path, text, keys):
+    # A sampler proposes them as different configurations, and workers trained them into one directory.
+    tpe = '[study]\nsampler = "tpe"\nmax_trials = 4\n'
+    message = load_error(write(tmp_path, text.replace("[search]", tpe + "[search]")))
+    assert f"{keys}: the points" in message and "of [search] are the same training run" in message
+    linear = tpe + '[train]\nschedule = "linear"\n[search]\nmax_epochs = { low = 3, high = 9 }\n'
+    assert load_study_file(write(tmp_path, linear))  # spans all epochs: another run
 
 
 def test_grid_points_that_differ_only_where_it_matters_load(tmp_path):

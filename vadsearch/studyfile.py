@@ -400,7 +400,7 @@ class StudySpec:
         runs: dict[str, dict[str, Any]] = {}
         for point in points:  # combinations: e.g. embedding = external with vectors unset
             config = _build_config(base, point, "search")
-            if self.sampler == "grid" and config.model != "baseline":  # a baseline trains nothing, writes nothing
+            if config.model != "baseline":  # a baseline trains nothing, writes nothing
                 _check_distinct_run(runs, config, point)
 
     def _validate_limits(self) -> None:
@@ -430,8 +430,10 @@ class StudySpec:
 
 
 def _check_distinct_run(runs: dict[str, dict[str, Any]], config: TrainConfig, point: dict[str, Any]) -> None:
-    """Two grid points that are one training run (same fingerprint) would share one checkpoint directory:
-    the second "resumes" the first's finished run, and retention deletes the first's best weights."""
+    """Two points that are one training run (same fingerprint) would share one checkpoint directory: on a
+    grid the second "resumes" the first's finished run and retention deletes the first's best weights; a
+    sampler proposes both as different configurations, which workers train into one directory at once.
+    (A sampled space is checked at its corners, where it has at most MAX_CORNERS of them.)"""
     first = runs.setdefault(config.fingerprint(), point)
     if first is point:
         return
@@ -444,7 +446,7 @@ def _check_distinct_run(runs: dict[str, dict[str, Any]], config: TrainConfig, po
               "model trains: fix it in [train] or drop it"
     shown = [", ".join(f"{k} = {p[k]!r}" for k in differ) for p in (first, point)]
     raise _Problem(", ".join(f"search.{k}" for k in differ),
-                   f"the grid points ({shown[0]}) and ({shown[1]}) are the same training run; {why}")
+                   f"the points ({shown[0]}) and ({shown[1]}) of [search] are the same training run; {why}")
 
 
 def load_study_file(path: str | Path) -> StudySpec:

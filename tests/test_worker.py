@@ -454,17 +454,31 @@ def test_a_repeated_configuration_is_not_trained_and_a_stuck_sampler_is_overcome
 
 def test_a_configuration_running_elsewhere_is_waited_for_not_trained_beside_it(sampled, monkeypatch):
     """Two trials of one configuration would train in one run directory at once."""
+    import threading
+    import time
+
     from vadsearch import studyfile
 
     spec, options = sampled("dropout = [0.0, 0.5]", max_trials=2, sampler="tpe")
     assert Worker(spec, dataclasses.replace(options, n_trials=0)).run().trials == []  # creates the study
-    study = load(options, "r")
+    storage = open_storage(options.storage)
+    study = optuna.load_study(study_name="r", storage=storage)
     elsewhere = study.ask({"dropout": optuna.distributions.CategoricalDistribution([0.0, 0.5])})
     study._storage.set_trial_user_attr(elsewhere._trial_id, "point", point_key({"dropout": 0.0}))
-    # Its worker died before its first heartbeat: it goes stale after the grace period, and is run again.
+
+    def its_worker() -> None:  # beats while the worker below draws its configuration twice, then dies
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and sum(
+                t.user_attrs.get("repeat_of") == elsewhere.number for t in study.get_trials(deepcopy=False)) < 2:
+            storage.record_heartbeat(elsewhere._trial_id)
+            time.sleep(0.2)
+
     stuck = optuna.samplers.PartialFixedSampler({"dropout": 0.0}, optuna.samplers.RandomSampler(seed=0))
     monkeypatch.setattr(studyfile.StudySpec, "make_sampler", lambda self, stream="": stuck)
-    assert Worker(spec, options).run().stopped == "finished"
+    beating = threading.Thread(target=its_worker)
+    beating.start()
+    assert Worker(spec, options).run().stopped == "finished"  # once it went stale: failed, requeued, run here
+    beating.join()
     study = load(options, "r")
     assert study.trials[elsewhere.number].state == TrialState.FAIL
     assert sorted(points_finished(study).values()) == [1, 1]

@@ -604,7 +604,8 @@ class Worker:
             self._not_trained(trial, {"repeat_of": other.number, "point": key},
                               f"{key}, which trial {other.number} {what} already")
         ahead = {k for k, p in points.items() if p.settled} | ({key_of(t) for t in earlier} - {None})
-        if len(ahead) >= self.spec.max_trials:
+        undecided = sum(key_of(t) is None for t in earlier)  # started, not yet sampled: each takes a place
+        if len(ahead) + undecided >= self.spec.max_trials:
             self._outcome.state = "SURPLUS"
             self._not_trained(trial, {"surplus": True, "point": key},
                               f"{key}, beyond the study's {self.spec.max_trials} trials, all run or running")

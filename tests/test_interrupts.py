@@ -142,6 +142,24 @@ def test_a_second_copy_of_ctrl_c_breaks_nothing(tmp_path, slow_csv, spawned, gap
     assert [t.state for t in study.trials].count(TrialState.WAITING) == 2
 
 
+def test_sigterm_to_a_worker_queues_its_trial_again_at_once(tmp_path, slow_csv, spawned):
+    # systemd's stop, Slurm's time limit, `docker stop`: before, the worker died at once and its trial stayed
+    # RUNNING until its heartbeat went stale.
+    study_file = write_study(tmp_path / "s.toml", name="term1", data=slow_csv, max_epochs=6,
+                             search="hidden_size = [8, 16]", embedding_dim=16)
+    worker = popen([sys.executable, "-m", "vadsearch.cli", "worker", str(study_file), "--device", "cpu", "-q"],
+                   tmp_path)
+    spawned.append(worker)
+    wait_for(tmp_path, "vadsearch-artifacts/*/*/epoch-0001.pt")
+    worker.send_signal(signal.SIGTERM)
+    output = worker.communicate(timeout=120)[0]
+    assert worker.returncode == 128 + signal.SIGTERM, output
+    assert "stopped by SIGTERM: run the same command again to resume" in output and "Traceback" not in output
+    study = study_of(tmp_path, "term1")
+    assert study.trials[0].state == TrialState.FAIL and study.trials[0].user_attrs["interrupted"] is True
+    assert [t.state for t in study.trials].count(TrialState.WAITING) == 2
+
+
 def test_sigterm_to_launch_stops_its_workers_and_the_study_resumes(tmp_path, slow_csv, spawned):
     study_file = write_study(tmp_path / "s.toml", name="term", data=slow_csv, max_epochs=6,
                              search="hidden_size = [8, 16]", embedding_dim=16)

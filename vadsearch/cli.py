@@ -283,15 +283,21 @@ def worker(
     options = WorkerOptions(storage=storage, artifacts=artifacts, device=device, n_trials=n_trials,
                             timeout=timeout, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                             db_outage_limit=db_timeout, progress=not quiet, keep=keep)
+    import signal
+
     from vadsearch import interrupts
 
-    with interrupts.handled():  # Ctrl-C: never lost, and a second copy of it (from `launch`) breaks nothing
+    # Ctrl-C: never lost, and a second copy of it (from `launch`) breaks nothing. SIGTERM (systemd, Slurm's
+    # time limit, `docker stop`) likewise: the running trial is queued again at once, not a grace period later.
+    with interrupts.handled(also=(signal.SIGTERM,)):
         summary = Worker(spec, options).run()
     states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(summary.states.items())) or "none"
     typer.echo(f"worker stopped ({summary.stopped}): ran {len(summary.trials)} trial(s): {states}")
     if summary.stopped == "interrupted":
-        typer.echo("interrupted: run the same command again to resume", err=True)
-        raise typer.Exit(130)
+        signum = interrupts.requested() or signal.SIGINT
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        typer.echo(f"{what}: run the same command again to resume", err=True)
+        raise typer.Exit(128 + signum)
     if summary.stopped == "finished":
         study = reports.load(_open(storage), spec.name)
         found = {k: v for k, v in reports.best(study).items() if k != "config"}  # says so if every trial failed

@@ -118,16 +118,22 @@ def test_a_ctrl_c_dropped_by_a_finalizer_still_stops_the_worker(tmp_path, slow_c
     assert sorted(trials[0].intermediate_values) == [1, 2]  # stopped at the next epoch's end, not later
 
 
-@pytest.mark.parametrize("gap", [0.01, 0.2])
-def test_a_second_copy_of_ctrl_c_breaks_nothing(tmp_path, slow_csv, spawned, gap):
-    # A terminal's Ctrl-C reaches `launch` and its workers, and `launch` passes it on again: each worker
-    # gets it twice. Before: the copy landed in the worker's cleanup (a traceback and exit 1, or exit -2).
-    study_file = write_study(tmp_path / "s.toml", name="twice", data=slow_csv, max_epochs=6,
+def worker_in_its_first_trial(tmp_path: Path, data: Path, name: str, spawned: list) -> subprocess.Popen:
+    """A `vadsearch worker` on a 2-point grid, once its first epoch checkpoint is on disk."""
+    study_file = write_study(tmp_path / "s.toml", name=name, data=data, max_epochs=6,
                              search="hidden_size = [8, 16]", embedding_dim=16)
     worker = popen([sys.executable, "-m", "vadsearch.cli", "worker", str(study_file), "--device", "cpu", "-q"],
                    tmp_path)
     spawned.append(worker)
     wait_for(tmp_path, "vadsearch-artifacts/*/*/epoch-0001.pt")
+    return worker
+
+
+@pytest.mark.parametrize("gap", [0.01, 0.2])
+def test_a_second_copy_of_ctrl_c_breaks_nothing(tmp_path, slow_csv, spawned, gap):
+    # A terminal's Ctrl-C reaches `launch` and its workers, and `launch` passes it on again: each worker
+    # gets it twice. Before: the copy landed in the worker's cleanup (a traceback and exit 1, or exit -2).
+    worker = worker_in_its_first_trial(tmp_path, slow_csv, "twice", spawned)
     time.sleep(0.3)
     worker.send_signal(signal.SIGINT)
     time.sleep(gap)
@@ -145,12 +151,7 @@ def test_a_second_copy_of_ctrl_c_breaks_nothing(tmp_path, slow_csv, spawned, gap
 def test_sigterm_to_a_worker_queues_its_trial_again_at_once(tmp_path, slow_csv, spawned):
     # systemd's stop, Slurm's time limit, `docker stop`: before, the worker died at once and its trial stayed
     # RUNNING until its heartbeat went stale.
-    study_file = write_study(tmp_path / "s.toml", name="term1", data=slow_csv, max_epochs=6,
-                             search="hidden_size = [8, 16]", embedding_dim=16)
-    worker = popen([sys.executable, "-m", "vadsearch.cli", "worker", str(study_file), "--device", "cpu", "-q"],
-                   tmp_path)
-    spawned.append(worker)
-    wait_for(tmp_path, "vadsearch-artifacts/*/*/epoch-0001.pt")
+    worker = worker_in_its_first_trial(tmp_path, slow_csv, "term1", spawned)
     worker.send_signal(signal.SIGTERM)
     output = worker.communicate(timeout=120)[0]
     assert worker.returncode == 128 + signal.SIGTERM, output

@@ -283,21 +283,18 @@ def worker(
     options = WorkerOptions(storage=storage, artifacts=artifacts, device=device, n_trials=n_trials,
                             timeout=timeout, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                             db_outage_limit=db_timeout, progress=not quiet, keep=keep)
-    import signal
-
     from vadsearch import interrupts
 
-    # Ctrl-C: never lost, and a second copy of it (from `launch`) breaks nothing. SIGTERM (systemd, Slurm's
-    # time limit, `docker stop`) likewise: the running trial is queued again at once, not a grace period later.
-    with interrupts.handled(also=(signal.SIGTERM,)):
+    # Ctrl-C or SIGTERM: never lost, a second copy (from `launch`) breaks nothing, and the running trial is
+    # queued again at once, not a grace period later.
+    with interrupts.handled():
         summary = Worker(spec, options).run()
     states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(summary.states.items())) or "none"
     typer.echo(f"worker stopped ({summary.stopped}): ran {len(summary.trials)} trial(s): {states}")
     if summary.stopped == "interrupted":
-        signum = interrupts.requested() or signal.SIGINT
-        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        what, code = interrupts.stopped()
         typer.echo(f"{what}: run the same command again to resume", err=True)
-        raise typer.Exit(128 + signum)
+        raise typer.Exit(code)
     if summary.stopped == "finished":
         study = reports.load(_open(storage), spec.name)
         found = {k: v for k, v in reports.best(study).items() if k != "config"}  # says so if every trial failed
@@ -339,8 +336,6 @@ def launch(
       vadsearch launch studies/bert.toml --gpus 0,1 --workers-per-gpu auto
     """
     _setup_logging(False)
-    import signal
-
     from vadsearch import interrupts
     from vadsearch import launch as launcher
     from vadsearch.mps import mps_daemon
@@ -385,13 +380,12 @@ def launch(
         try:
             # SIGTERM (kill, timeout, a supervisor) stops the workers too, as Ctrl-C does: killing the launcher
             # alone left them running the study on their own.
-            with interrupts.handled(also=(signal.SIGTERM,)):
+            with interrupts.handled():
                 codes = launcher.wait(processes, on_tick=_progress_bar(spec, url))
         except KeyboardInterrupt:
-            signum = interrupts.requested() or signal.SIGINT
-            what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+            what, code = interrupts.stopped()
             typer.echo(f"{what}: workers stopped; run the same command again to resume", err=True)
-            raise typer.Exit(128 + signum)
+            raise typer.Exit(code)
     failed, gave_way = launcher.sort_exits(codes)
     if gave_way:
         typer.echo(f"note: worker(s) {', '.join(map(str, gave_way))} ran out of GPU memory and stopped, leaving "

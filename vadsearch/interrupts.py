@@ -1,4 +1,5 @@
-"""Ctrl-C in a `worker` or `launch` process: acted on once, never lost, and a second copy breaks nothing.
+"""Ctrl-C (or SIGTERM) in a `worker` or `launch` process: acted on once, never lost, and a second copy
+breaks nothing. SIGTERM (systemd, Slurm's time limit, `docker stop`, `kill`) stops the work as Ctrl-C does.
 
 Python raises KeyboardInterrupt wherever the main thread is when SIGINT arrives, which fails two ways:
 
@@ -34,9 +35,14 @@ def _handler(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def requested() -> int | None:
-    """The signal that asked this process to stop (SIGINT, or one of `also`), if any."""
-    return _first[1] if _first is not None else None
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def stopped() -> tuple[str, int]:
+    """What stopped this process, in words, and the exit code that says so (128 + the signal's number)."""
+    signum = _first[1] if _first is not None else signal.SIGINT
+    what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    return what, 128 + signum
 
 
 def check() -> None:
@@ -46,18 +52,17 @@ def check() -> None:
 
 
 @contextlib.contextmanager
-def handled(also: tuple[int, ...] = ()):
-    """Within: SIGINT (and the signals in `also`) raise KeyboardInterrupt once, as described above."""
+def handled():
+    """Within: SIGINT and SIGTERM raise KeyboardInterrupt once, as described above."""
     global _first, _active
     _first = None
-    signums = (signal.SIGINT, *also)
-    previous = {signum: signal.signal(signum, _handler) for signum in signums}
+    previous = {signum: signal.signal(signum, _handler) for signum in STOP_SIGNALS}
     _active = True
     try:
         yield
     finally:
         _active = False
-        for signum in signums:
+        for signum in STOP_SIGNALS:
             # Stopping on a signal: a late copy must not break the exit (at shutdown Python puts the default
             # action back for a handler of its own, and a copy then kills the process: exit -2, not 130).
             signal.signal(signum, signal.SIG_IGN if _first is not None else previous[signum])

@@ -257,13 +257,13 @@ class _NoTracebacks(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self.repeats: set[int] = set()  # numbers of the trials in hand that repeat a configuration
+        self.untrained: set[int] = set()  # numbers of the trials in hand that end untrained (repeat, surplus)
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.exc_info = None
         record.exc_text = None
-        if self.repeats and record.name.startswith("optuna."):
-            return not any(record.getMessage().startswith(f"Trial {n} failed") for n in self.repeats)
+        if self.untrained and record.name.startswith("optuna."):
+            return not any(record.getMessage().startswith(f"Trial {n} failed") for n in self.untrained)
         return True
 
 
@@ -480,7 +480,7 @@ class Worker:
             return
         self._repeat_active = outcome.repeats_running
         if outcome.state in ("REPEAT", "SURPLUS"):  # trained nothing: not one of the trials --n-trials counts
-            _NO_TRACEBACKS.repeats.discard(outcome.number)  # Optuna has logged it by now
+            _NO_TRACEBACKS.untrained.discard(outcome.number)  # Optuna has logged it by now
             self._repeats += outcome.state == "REPEAT"
             return
         self._repeats = 0
@@ -612,7 +612,7 @@ class Worker:
 
     def _not_trained(self, trial: optuna.Trial, attrs: dict[str, Any], why: str) -> None:
         set_user_attrs_with_final_state(trial, {"orphan": True, **attrs})
-        _NO_TRACEBACKS.repeats.add(trial.number)
+        _NO_TRACEBACKS.untrained.add(trial.number)
         log.info("trial %d: %s; not trained", trial.number, why)
         raise NotTrained(why)
 

@@ -78,6 +78,34 @@ def test_rng_state_survives_a_weights_only_round_trip(tmp_path: Path) -> None:
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
+def test_a_cuda_run_saves_its_own_gpu_generator_and_resumes_it_on_the_gpu_it_lands_on(monkeypatch) -> None:
+    # Stand-ins for CUDA's generator calls: a run saved by a worker on cuda:1 and resumed by one on cuda:0
+    # must hand cuda:0 the generator cuda:1 had, not cuda:0's own (what restoring every GPU by position did).
+    generators = {0: torch.tensor([0], dtype=torch.uint8), 1: torch.tensor([1], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: generators[device.index].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: generators.__setitem__(device.index, state))
+    saved = capture_rng(torch.device("cuda", 1))
+    generators[1] = torch.tensor([7], dtype=torch.uint8)  # drawn on after the save
+    restore_rng(saved, torch.device("cuda", 0))
+    assert generators[0].tolist() == [1] and generators[1].tolist() == [7]
+    assert "cuda_device" not in capture_rng(torch.device("cpu"))  # a CPU run has no GPU generator to keep
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_gpu_generator_survives_a_weights_only_round_trip(tmp_path: Path) -> None:
+    run, last = RunDirectory(tmp_path), torch.device("cuda", torch.cuda.device_count() - 1)
+    torch.manual_seed(3)
+    state = _state(1, 1)
+    state["rng"] = capture_rng(last)
+    run.save(state, _weights(1), 0)
+    expected = torch.rand(4, device=last).tolist()
+    torch.manual_seed(99)
+    first = torch.device("cuda", 0)  # the same GPU on a one-GPU machine, another one where there are more
+    restore_rng(run.load(FP, SHA)["rng"], first)
+    assert torch.rand(4, device=first).tolist() == expected
+
+
 def test_newest_checkpoint_wins(tmp_path: Path) -> None:
     run = RunDirectory(tmp_path)
     _run(run, [True, False, True])

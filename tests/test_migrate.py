@@ -17,6 +17,7 @@ from search_helpers import POSTGRES_URL, points_finished, synchronous_checkpoint
 from typer.testing import CliRunner
 
 import vadsearch.migrate
+import vadsearch.report
 import vadsearch.train
 from vadsearch.cli import app
 from vadsearch.errors import StorageError
@@ -87,6 +88,11 @@ def test_every_trial_is_copied_and_a_running_one_comes_back_interrupted(hand_mad
     assert (copied.name, copied.trials, copied.interrupted) == ("made", 4, 1)
     assert copied.states == {"COMPLETE": 1, "FAIL": 2, "WAITING": 1}
     assert_same_study(load(open_storage(hand_made), "made"), load(open_storage(target), "made"))
+    # Status says why the copy failed and that it resumes, not that someone pressed Ctrl-C.
+    [row] = vadsearch.report.status(open_storage(target))
+    assert [t["failure"] for t in row["failed_trials"]] == [
+        "TrainingError: NaN",
+        "running when its study was migrated: the next worker resumes it without spending a retry"]
 
 
 def test_a_name_the_target_has_is_refused_before_anything_is_written(hand_made, tmp_path):

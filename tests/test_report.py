@@ -111,7 +111,7 @@ def test_each_failure_says_why_and_a_queued_trial_shows_its_point(storage: optun
     frame = report.trials_frame(study)
     assert list(frame["failure"].iloc[:4]) == [
         "RuntimeError: CUDA out of memory",
-        "interrupted (Ctrl-C): queued again without spending a retry",
+        "interrupted (Ctrl-C or SIGTERM): the next worker resumes it without spending a retry",
         "CheckpointError: disk full",
         "worker gpu7:42 stopped sending heartbeats (killed, or its machine was lost)",
     ]

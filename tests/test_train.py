@@ -127,7 +127,7 @@ def test_resume_depends_on_restoring_the_rng(
 ) -> None:
     # Shows that the exactness above is not trivial: without the RNG state, dropout masks differ.
     _run(TINY_LSTM.replace(max_epochs=2), tiny_corpus, tmp_path)
-    monkeypatch.setattr(train_module, "restore_rng", lambda state: None)
+    monkeypatch.setattr(train_module, "restore_rng", lambda state, device=None: None)
     resumed = _run(TINY_LSTM, tiny_corpus, tmp_path)
     assert _epochs(resumed)[:2] == _epochs(uninterrupted)[:2]
     assert _epochs(resumed)[2:] != _epochs(uninterrupted)[2:]

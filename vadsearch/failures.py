@@ -1,10 +1,10 @@
 """Why a trial failed, read from what its worker stored: one reading for retries and for reports.
 
 A worker that catches the failure stores it with the trial's FAIL state (`worker.Worker._train_trial`):
-`interrupted` (Ctrl-C), `machine_fault` with a `fail_reason` (a checkpoint that could not be written, a GPU
-shared by too many workers ran out of memory), or a `fail_reason` alone (the configuration raised). A FAIL
-trial with none of them was failed by another worker because its heartbeat went stale: its own worker was
-killed or lost its machine.
+`interrupted` (Ctrl-C, SIGTERM, or running when `vadsearch migrate` copied it), `machine_fault` with a
+`fail_reason` (a checkpoint that could not be written, a GPU shared by too many workers ran out of
+memory), or a `fail_reason` alone (the configuration raised). A FAIL trial with none of them was failed
+by another worker because its heartbeat went stale: its own worker was killed or lost its machine.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ INTERRUPTED = "interrupted"
 MACHINE_FAULT = "machine fault"
 ERROR = "error"
 LOST = "worker lost"
+MIGRATED = "migrated_running"  # set with `interrupted` on a trial that was RUNNING when its study was copied
 
 
 def kind(attrs: Mapping[str, Any]) -> str:
@@ -38,7 +39,9 @@ def describe(attrs: Mapping[str, Any]) -> str:
     """The failure of a FAIL trial in words, for reports."""
     found = kind(attrs)
     if found == INTERRUPTED:
-        return "interrupted (Ctrl-C): queued again without spending a retry"
+        # A retry is queued by the next worker to start or to look for work, so the words say what comes next.
+        why = "running when its study was migrated" if attrs.get(MIGRATED) else "interrupted (Ctrl-C or SIGTERM)"
+        return f"{why}: the next worker resumes it without spending a retry"
     if found == LOST:
         return f"worker {attrs.get('worker', '?')} stopped sending heartbeats (killed, or its machine was lost)"
     return str(attrs["fail_reason"])

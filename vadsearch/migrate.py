@@ -31,13 +31,14 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from vadsearch import failures
 from vadsearch.errors import StorageError
 from vadsearch.storage import mask, open_storage, scrub, study_lock
 
 log = logging.getLogger(__name__)
 
 INTERRUPTED_ATTR = "interrupted"  # the worker's mark for a trial to queue again without spending a retry
-MIGRATED_ATTR = "migrated_running"  # why the copy of a RUNNING trial is a FAIL: it was running in the source
+MIGRATED_ATTR = failures.MIGRATED  # why the copy of a RUNNING trial is a FAIL: it was running in the source
 
 
 @dataclass

@@ -165,7 +165,7 @@ class _Run:
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
-        restore_rng(checkpoint["rng"])
+        restore_rng(checkpoint["rng"], self.device)
         self.history = [EpochResult.from_dict(h) for h in checkpoint["history"]][:epochs]
         self.best_epoch, self.best_model = checkpoint["best_epoch"], checkpoint["best_model"]
 
@@ -178,7 +178,7 @@ class _Run:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": capture_rng(),
+            "rng": capture_rng(self.device),
             "history": [h.as_dict() for h in self.history],
             "best_epoch": self.best_epoch,
             "vocab": list(self.encoded.vocab.itos) if self.encoded.vocab else None,

@@ -198,3 +198,30 @@ def test_a_failed_worker_is_named_with_how_it_stopped() -> None:
     failed, gave_way = sort_exits(codes)
     assert (failed, gave_way) == ([1, 2, 4], [3])
     assert describe_exits(codes, failed) == "1 (exit code 1), 2 (killed by SIGKILL), 4 (killed by SIGTERM)"
+
+
+def test_launch_refuses_a_changed_study_or_missing_data_before_any_worker(tmp_path, tiny_csv, monkeypatch) -> None:
+    # Each used to start its workers, which all stopped with exit code 2: "see logs", and no reason here.
+    from typer.testing import CliRunner
+
+    from search_helpers import write_study
+    from vadsearch.cli import app
+    from vadsearch.storage import open_storage
+    from vadsearch.worker import Worker, WorkerOptions
+    from vadsearch.studyfile import load_study_file
+
+    monkeypatch.chdir(tmp_path)
+    study_file = write_study(tmp_path / "c.toml", name="c", data=tiny_csv, search="hidden_size = [4]")
+    Worker(load_study_file(study_file), WorkerOptions(storage="sqlite:///vadsearch.db", device="cpu", n_trials=0,
+                                                      progress=False)).run()
+    open_storage("sqlite:///vadsearch.db").remove_session()
+    write_study(study_file, name="c", data=tiny_csv, search="hidden_size = [4]", max_epochs=5)
+    result = CliRunner().invoke(app, ["launch", str(study_file), "--device", "cpu"])
+    assert result.exit_code == 2 and result.stderr.strip() == (
+        f"error: {study_file}: study 'c' already exists in the storage with other settings ([train] max_epochs was "
+        "2, this file says 5); give the study a new [study] name, or use the original file")
+
+    write_study(tmp_path / "d.toml", name="d", data=tmp_path / "missing.csv", search="hidden_size = [4]")
+    result = CliRunner().invoke(app, ["launch", "d.toml", "--device", "cpu", "--storage", "sqlite:///d.db"])
+    assert result.exit_code == 2 and "missing.csv does not exist" in result.stderr
+    assert not (tmp_path / "vadsearch-logs").exists() and not (tmp_path / "d.db").exists()

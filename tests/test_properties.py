@@ -44,17 +44,18 @@ SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 # --- valid starting points -------------------------------------------------------------------------------
-# The baseline model trains nothing, so even if a mutation slipped through, no real search would start.
+# Tiny LSTMs on a few sentences, whose searched options all matter: a mutation that slipped through would
+# train for a second, and fail the test that expects it refused.
 GRID = {
     "study": {"name": "prop", "description": "property-based test", "sampler": "grid", "max_retries": 1,
               "seed": 0},
     "data": {"subset": {"train": 10, "dev": 5, "test": 5}},
-    "train": {"model": "baseline", "max_epochs": 2, "batch_size": 16, "lr": 0.001, "dropout": 0.1},
+    "train": {"model": "lstm", "max_epochs": 2, "batch_size": 16, "lr": 0.001, "dropout": 0.1, "embedding_dim": 8},
     "search": {"hidden_size": [4, 8], "seed": [0, 1]},
 }
 TPE = {
     "study": {"name": "prop-tpe", "sampler": "tpe", "max_trials": 2, "seed": 0},
-    "train": {"model": "baseline", "max_epochs": 3, "batch_size": 16},
+    "train": {"model": "lstm", "max_epochs": 3, "batch_size": 16, "embedding_dim": 8},
     "search": {"lr": {"low": 0.0001, "high": 0.01, "log": True}, "dropout": {"low": 0.0, "high": 0.5, "step": 0.1},
                "hidden_size": {"low": 4, "high": 16}},
     "pruner": {"kind": "median", "startup_trials": 1, "warmup_epochs": 1},

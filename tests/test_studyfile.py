@@ -239,7 +239,13 @@ def test_grid_max_trials_below_the_grid_size_is_refused(tmp_path):
     [('[train]\nmodel = "lstm"\n[search]\ntrain_embeddings = [true, false]\n', "search.train_embeddings"),  # BERT-only
      ('[train]\nmodel = "bert"\n[search]\nhidden_size = [64, 128]\n', "search.hidden_size"),  # LSTM-only
      ("[search]\nmax_epochs = [3, 9]\n", "search.max_epochs"),  # a constant schedule: one curve holds both
-     ("[search]\npatience = [0, 2]\nlr = [0.1]\n", "search.patience")],
+     ("[search]\npatience = [0, 2]\nlr = [0.1]\n", "search.patience"),
+     ("[search]\nwarmup_ratio = [0.0, 0.5]\n", "search.warmup_ratio"),  # used by the linear schedule only
+     ("[search]\neval_batch_size = [64, 128]\n", "search.eval_batch_size"),  # speed, not scores
+     ('[train]\nembedding = "external"\nvectors = "v.txt"\n[search]\nembedding_dim = [16, 32]\n',
+      "search.embedding_dim"),  # the vector file's width
+     ('[train]\nmodel = "baseline"\n[search]\nlr = [0.1, 0.2]\n', "search.lr"),  # nothing trained
+     ('[train]\nmodel = "bert"\n[search]\nembedding = ["internal", "external"]\nlr = [0.1]\n', "search.embedding")],
 )
 def test_grid_points_that_are_one_training_run_are_refused(tmp_path, text, keys):
     # Such points share one checkpoint directory: the second trial "resumed" the first's finished run
@@ -263,9 +269,34 @@ def test_sampled_configurations_that_are_one_training_run_are_refused(tmp_path, 
 
 
 def test_grid_points_that_differ_only_where_it_matters_load(tmp_path):
-    # max_epochs is part of the run under a linear schedule (it spans all epochs); a baseline writes nothing.
+    # max_epochs is part of the run under a linear schedule (it spans all epochs).
     assert load_study_file(write(tmp_path, '[train]\nschedule = "linear"\n[search]\nmax_epochs = [3, 9]\n'))
-    assert load_study_file(write(tmp_path, '[train]\nmodel = "baseline"\n[search]\nlr = [0.1, 0.2]\n'))
+
+
+@pytest.mark.parametrize("sampler", ["grid", "random"])
+def test_an_axis_that_matters_at_some_values_of_another_keeps_one_point_per_run(tmp_path, sampler):
+    # freeze_embeddings matters for external embeddings only, hidden_size for the LSTM only: this file was
+    # refused, and searching such a pair needed two studies.
+    study = f'[study]\nsampler = "{sampler}"\n' + ("" if sampler == "grid" else "max_trials = 4\n")
+    spec = load_study_file(write(tmp_path, study + '[train]\nvectors = "v.txt"\n[search]\n'
+                                 'embedding = ["internal", "external"]\nfreeze_embeddings = [true, false]\n'
+                                 'model = ["lstm", "baseline"]\n'))
+    assert spec.space_size() == 4  # internal (either freeze), external frozen or not, and the baseline
+    if sampler == "grid":
+        assert spec.grid() == [{"embedding": "internal", "freeze_embeddings": True, "model": "lstm"},
+                               {"embedding": "internal", "freeze_embeddings": True, "model": "baseline"},
+                               {"embedding": "external", "freeze_embeddings": True, "model": "lstm"},
+                               {"embedding": "external", "freeze_embeddings": False, "model": "lstm"}]
+        assert spec.max_trials == spec.grid_size() == 4
+        return
+    canonical = spec.canonical({"embedding": "internal", "freeze_embeddings": False, "model": "lstm"})
+    assert canonical == {"embedding": "internal", "freeze_embeddings": True, "model": "lstm"}
+    assert spec.canonical({"embedding": "external", "freeze_embeddings": False, "model": "baseline"}) == {
+        "embedding": "internal", "freeze_embeddings": True, "model": "baseline"}
+    with pytest.raises(StudyFileError, match="max_trials: 5 is more than the 4 distinct configurations"):
+        load_study_file(write(tmp_path, study.replace("4", "5") + '[train]\nvectors = "v.txt"\n[search]\n'
+                              'embedding = ["internal", "external"]\nfreeze_embeddings = [true, false]\n'
+                              'model = ["lstm", "baseline"]\n'))
 
 
 def test_import_is_cheap():

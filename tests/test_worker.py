@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -12,6 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+import vadsearch.report
 import vadsearch.train
 from search_helpers import points_finished, synchronous_checkpoints, write_study
 from vadsearch.data import load_corpus
@@ -214,6 +216,28 @@ def test_a_layer_window_the_encoder_lacks_stops_the_worker_before_any_trial(tmp_
     assert not (tmp_path / "b.db").exists()  # not three failed attempts per configuration
 
 
+def test_a_sampled_study_whose_model_axis_reaches_bert_checks_the_encoder_before_any_trial(tmp_path, tiny_csv):
+    # Only the default [train] model (an LSTM) was checked: every trial then failed on the missing encoder.
+    path = tmp_path / "m.toml"
+    path.write_text(f'[study]\nsampler = "random"\nmax_trials = 2\n[data]\npath = {json.dumps(str(tiny_csv))}\n'
+                    f'[train]\nmodel_name = {json.dumps(str(tmp_path / "no-such-encoder"))}\n'
+                    '[search]\nmodel = ["bert"]\nlr = {low = 0.0001, high = 0.01, log = true}\n')
+    options = WorkerOptions(storage=f"sqlite:///{tmp_path}/m.db", artifacts=tmp_path / "art", device="cpu",
+                            progress=False)
+    with pytest.raises(ConfigError, match="cannot load the tokenizer"):
+        Worker(load_study_file(path), options).run()
+    assert not (tmp_path / "m.db").exists()
+
+
+def test_an_encoder_no_point_trains_with_is_never_loaded(setup, monkeypatch):
+    # An LSTM study that names a BERT encoder (fixed, or a one-value axis) used to fetch its tokenizer first.
+    import vadsearch.encoding
+
+    monkeypatch.setattr(vadsearch.encoding, "load_tokenizer", lambda name: pytest.fail(f"loaded {name}"))
+    spec, options = setup('hidden_size = [4]\nmodel_name = ["no-such-encoder"]')
+    assert Worker(spec, options).run().stopped == "finished"
+
+
 def test_survey_classifies_failures_by_cause(setup):
     spec, _ = setup('hidden_size = [4, 8, 16]\n', study="max_retries = 1")
     key = point_key({"hidden_size": 4})
@@ -260,7 +284,7 @@ def test_a_study_left_undescribed_by_its_creator_is_described_by_the_next_worker
 
     changed, _ = setup("hidden_size = [4, 16]\nlr = [0.001, 0.01]")
     Worker(spec, dataclasses.replace(options, n_trials=0)).run()
-    with pytest.raises(StudyFileError, match="another search space"):
+    with pytest.raises(StudyFileError, match=r"other settings \(\[search\] hidden_size differs\)"):
         Worker(changed, options).run()
     assert Worker(spec, options).run().stopped == "finished"
     assert sorted(points_finished(load(options))) == sorted(point_key(p) for p in spec.grid())
@@ -272,17 +296,30 @@ def test_joining_with_another_search_space_or_other_data_is_refused_before_any_w
     before = len(load(options).trials)
 
     changed, _ = setup("hidden_size = [4, 16]\nlr = [0.001, 0.01]")
-    with pytest.raises(StudyFileError, match="another search space"):
+    with pytest.raises(StudyFileError, match=r"other settings \(\[search\] hidden_size differs\)"):
         Worker(changed, options).run()
+    # A smoke run's budget is no study's budget: its finished trials would count as the real ones.
+    for train, said in [({"max_epochs": 3}, "[train] max_epochs was 2, this file says 3"),
+                        ({"patience": 1, "dropout": 0.3}, "[train] dropout was 0.1, this file says 0.3; "
+                                                          "[train] patience was 0, this file says 1")]:
+        with pytest.raises(StudyFileError, match=re.escape(said)):
+            Worker(spec.with_overrides(train=train), options).run()
 
     other = tmp_path / "other.csv"
     other.write_text(spec.data_path.read_text().replace("tiny_0000", "tiny_x"))
-    with pytest.raises(StudyFileError, match="other data"):
+    with pytest.raises(StudyFileError, match=r"was run on another data file \(sha256 [0-9a-f]{12}\): pass the same"):
         Worker(spec.with_overrides(data_path=other), options).run()
     assert len(load(options).trials) == before
 
-    # A larger epoch budget is allowed: it continues finished runs.
-    assert Worker(spec.with_overrides(train={"max_epochs": 3}), options).run().stopped == "finished"
+
+def test_a_subset_drawn_otherwise_is_named_as_such(setup):
+    spec, options = setup(study="seed = 1")
+    spec = dataclasses.replace(spec, data_subset=(20, 5, 5))
+    Worker(spec, dataclasses.replace(options, n_trials=0)).run()
+    with pytest.raises(StudyFileError, match=re.escape(
+            "was run on other sentences (subset 20/5/5 drawn with seed 1; this file: subset 20/5/6 drawn with "
+            "seed 1): use the original [data] subset and [study] seed")):
+        Worker(dataclasses.replace(spec, data_subset=(20, 5, 6)), options).run()
 
 
 def test_study_attrs_describe_the_study(setup):
@@ -350,7 +387,7 @@ def test_missing_word_vectors_stop_the_worker_before_any_trial(setup, monkeypatc
 def test_a_baseline_study_still_rejects_a_mistyped_device_before_any_trial(setup, tmp_path):
     from vadsearch.errors import ConfigError
 
-    spec, options = setup("seed = [0, 1]", model="baseline")
+    spec, options = setup('baseline = ["constant", "mean"]', model="baseline")
     with pytest.raises(ConfigError, match="unknown device 'gpu0'"):
         Worker(spec, dataclasses.replace(options, device="gpu0")).run()
     assert not (tmp_path / "s.db").exists()
@@ -407,6 +444,30 @@ def sampled(tmp_path, tiny_csv):
         return load_study_file(path), options
 
     return make
+
+
+def test_a_sampled_study_takes_the_latest_trial_count_and_ignores_the_order_of_its_axes(sampled):
+    spec, options = sampled("lr = [0.001, 0.01]\ndropout = [0.0, 0.2]", max_trials=1)
+    assert len(Worker(spec, options).run().trials) == 1
+    more, _ = sampled("dropout = [0.0, 0.2]\nlr = [0.001, 0.01]", max_trials=2)
+    assert len(Worker(more, options).run().trials) == 1  # the second of two, from a file with its axes swapped
+    [row] = vadsearch.report.status(open_storage(options.storage))
+    assert (row["complete"], row["max_trials"]) == (2, 2)
+
+
+def test_two_sampled_configurations_of_one_training_run_are_trained_once(sampled):
+    # Warm-up changes nothing under a constant learning rate: (constant, 0.0) and (constant, 0.1) are one
+    # run, in one checkpoint directory. The study holds three runs, and each is trained exactly once.
+    spec, options = sampled('schedule = ["constant", "linear"]\nwarmup_ratio = [0.0, 0.1]', max_trials=3)
+    summary = Worker(spec, options).run()
+    assert summary.stopped == "finished"
+    study = load(options, "r")
+    trained = study.get_trials(states=(TrialState.COMPLETE,))
+    runs = {spec.config_for(t.params).fingerprint() for t in trained}
+    assert len(trained) == len(runs) == 3
+    assert len({t.user_attrs["checkpoint_dir"] for t in trained}) == 3
+    repeats = [t for t in study.trials if t.user_attrs.get("repeat_of") is not None]
+    assert {t.user_attrs["point"] for t in repeats} <= {t.user_attrs["point"] for t in trained}  # one run's key
 
 
 def test_workers_of_one_seeded_study_draw_streams_of_their_own(sampled):

@@ -368,9 +368,12 @@ def launch(
         workers = per_gpu * max(1, len(gpu_list))  # one small trial does not fill a large GPU
     if workers < 1:  # before the log directory and the database are made
         raise ConfigError(f"--workers must be at least 1, got {workers}")
-    # A mistyped, missing or unreachable database: one line here, not "worker(s) 0, 1 exited with an error"
-    # after every worker has failed on it alone. Opening it makes the (SQLite) file a first worker would make.
-    open_storage(url)
+    # Data that cannot be read, a mistyped or unreachable database, a study file the stored study does not
+    # admit: one line here, not "worker(s) 0, 1 stopped; see logs" after every worker has failed on it alone.
+    from vadsearch.worker import check_study, study_corpus
+
+    corpus = study_corpus(spec, data)
+    check_study(spec, open_storage(url), corpus.sha256)  # opening makes the (SQLite) file a worker would make
     writable_dir(log_dir, "the log directory", advice="pass another --log-dir")  # the last check: it makes it
     with mps_daemon(gpu_list, log_dir) if mps else contextlib.nullcontext(({}, False)) as (mps_env, renumbered):
         plan = launcher.LaunchPlan(study_file, workers, gpu_list, tuple(args), log_dir, storage=url,

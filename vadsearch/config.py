@@ -137,7 +137,15 @@ class TrainConfig:
             keep -= unused
             if self.model == "lstm" and self.embedding == "internal":
                 keep -= {"vectors", "freeze_embeddings"}
-        return {k: v for k, v in self.to_dict().items() if k in keep}
+        values = {k: v for k, v in self.to_dict().items() if k in keep}
+        # Read here as their defaults, they no longer tell runs apart, and a run at the defaults keeps
+        # the fingerprint it always had: the evaluation batch (speed, not scores), warm-up under a constant
+        # learning rate, the width of embeddings taken from a vector file, a baseline's seed (it draws nothing).
+        unused = {"eval_batch_size"}
+        unused |= {"warmup_ratio"} if self.schedule == "constant" else set()
+        unused |= {"embedding_dim"} if self.model == "lstm" and self.embedding == "external" else set()
+        unused |= {"seed"} if self.model == "baseline" else set()
+        return {k: _DEFAULTS[k] if k in unused else v for k, v in values.items()}
 
     def fingerprint(self) -> str:
         """Stable hash of `relevant()`: a checkpoint is resumed only under the same fingerprint.
@@ -150,6 +158,9 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
+_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+SWITCHES = ("model", "embedding", "schedule")
+"""The options that decide which others matter (`relevant`)."""
 _BERT_ONLY = {"model_name", "max_length", "trainable_layers", "train_embeddings"}
 _LSTM_ONLY = {"hidden_size", "layers", "bidirectional", "embedding", "embedding_dim", "vectors",
               "freeze_embeddings", "lowercase", "min_freq"}

@@ -153,7 +153,7 @@ def resolve_data_path(path: str | Path | None = None, *, download: bool = True) 
     if path is not None:
         explicit = user_path(path, "data file")
         if not explicit.exists():
-            raise DataError(f"data file {explicit} does not exist; check the path passed with --data")
+            raise DataError(f"data file {explicit} does not exist; check --data, or the study file's [data] path")
         return explicit
     if os.environ.get("VADSEARCH_DATA"):
         from_env = user_path(os.environ["VADSEARCH_DATA"], "VADSEARCH_DATA")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import itertools
 import math
@@ -33,7 +34,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vadsearch.config import TrainConfig
+from vadsearch.config import SWITCHES, TrainConfig
 from vadsearch.errors import ConfigError, StudyFileError
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ __all__ = ["Param", "PrunerSpec", "StudySpec", "load_study_file", "SAMPLERS", "P
 SAMPLERS = ("grid", "tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
 MAX_GRID_POINTS = 10_000  # far beyond any grid one would train; guards against building millions of dicts
-MAX_CORNERS = 4_096  # sampler studies: all corners of the space are checked up to this many, else each axis
+MAX_CORNERS = 4_096  # sampler studies: all corners of the space are checked up to this many (checked_points)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # the name becomes a directory: no '/', no '..'
 _FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}  # "int", "float", "bool", "str", "str | None"
 _NUMERIC_FIELDS = {name for name, kind in _FIELD_TYPES.items() if kind in ("int", "float")}
@@ -103,6 +104,12 @@ class Param:
         if self.kind == "int":
             return (self.high - self.low) // (self.step or 1) + 1
         return None if self.step is None else round((self.high - self.low) / self.step) + 1
+
+    def values(self) -> tuple:
+        """Every value of a discrete axis (one whose `size` is not None)."""
+        if self.choices is not None:
+            return self.choices
+        return tuple(self.low + k * (self.step or 1) for k in range(self.size()))
 
     def edges(self) -> tuple:
         """The values that bound this axis: every choice, or both ends of the range."""
@@ -215,20 +222,60 @@ class StudySpec:
 
     # --- what the worker calls ----------------------------------------------------------------------
     def grid(self) -> list[dict[str, Any]]:
-        """Every grid point, in file order (the last key varies fastest); [{}] without a search key."""
+        """Every training run of the grid, in file order (the last key varies fastest); [{}] without a
+        search key. Points that are one run (an axis that matters at some values of another only, as
+        freeze_embeddings beside embedding = ["internal", "external"]) appear once, as the first of them."""
         if self.sampler != "grid":
             raise _Problem("study.sampler", f"grid() needs a grid study; this one uses {self.sampler}"
                            ).for_file(self.path)
+        return [dict(point) for point in self._runs]
+
+    @functools.cached_property
+    def _runs(self) -> tuple[dict[str, Any], ...]:
         names = [p.name for p in self.space]
-        return [dict(zip(names, values)) for values in itertools.product(*(p.choices for p in self.space))]
+        runs: dict[str, dict[str, Any]] = {}
+        for values in itertools.product(*(p.choices for p in self.space)):
+            point = dict(zip(names, values))
+            runs.setdefault(self.config_for(point).fingerprint(), point)
+        return tuple(runs.values())
 
     def grid_size(self) -> int:
-        return math.prod(len(p.choices) for p in self.space)
+        return len(self._runs)
 
     def space_size(self) -> int | None:
-        """How many distinct configurations the search space holds; None when an axis is continuous."""
+        """How many distinct training runs the search space holds; None when an axis is continuous."""
         sizes = [p.size() for p in self.space]
-        return None if None in sizes else math.prod(sizes)
+        if None in sizes:
+            return None
+        if math.prod(sizes) > MAX_GRID_POINTS:  # too many to list: configurations, not runs
+            return math.prod(sizes)
+        names, values = [p.name for p in self.space], [p.values() for p in self.space]
+        return len({self.config_for(dict(zip(names, point))).fingerprint() for point in itertools.product(*values)})
+
+    def canonical(self, params: dict[str, Any]) -> dict[str, Any]:
+        """`params` with each axis that changes nothing at this point (warm-up under a constant learning
+        rate) set to its first value or low end: configurations that are one training run read the same,
+        so that a worker trains only one of them."""
+        if set(params) != {p.name for p in self.space}:
+            return params  # a trial that failed while it was being sampled
+        fingerprint, canonical = self.config_for(params).fingerprint(), dict(params)
+        for p in self.space:
+            first = {**canonical, p.name: p.edges()[0]}
+            if first != canonical and _is_valid({**self.base.to_dict(), **first}) and \
+                    self.config_for(first).fingerprint() == fingerprint:
+                canonical = first
+        return canonical
+
+    def checked_points(self) -> list[dict[str, Any]]:
+        """Points that stand for the whole space when it is checked: every grid point; a sampled space's
+        corners (every combination of its axes' ends) where it has at most MAX_CORNERS, else each axis's
+        ends, one axis at a time."""
+        if self.sampler == "grid":
+            return self.grid()
+        names = [p.name for p in self.space]
+        if math.prod(len(p.edges()) for p in self.space) <= MAX_CORNERS:
+            return [dict(zip(names, values)) for values in itertools.product(*(p.edges() for p in self.space))]
+        return [{p.name: value} for p in self.space for value in p.edges()]
 
     def config_for(self, params: dict[str, Any]) -> TrainConfig:
         """The training configuration of one trial: the fixed options with `params` on top."""
@@ -384,24 +431,40 @@ class StudySpec:
                     self.base.replace(**{p.name: value})
                 except ConfigError as exc:
                     raise _Problem(key, str(exc)) from None
-        if self.sampler == "grid":
-            size = self.grid_size()
-            if size > MAX_GRID_POINTS:
-                raise _Problem("search", f"the grid has {size} points, more than {MAX_GRID_POINTS}; "
-                                         "search a space this large with sampler = \"tpe\"")
-            points = self.grid()
-        elif math.prod(len(p.edges()) for p in self.space) <= MAX_CORNERS:
-            names = [p.name for p in self.space]
-            corners = itertools.product(*(p.edges() for p in self.space))
-            points = [dict(zip(names, values)) for values in corners]
-        else:
-            points = []  # each axis was checked alone above
+        size = math.prod(len(p.choices) for p in self.space) if self.sampler == "grid" else 0
+        if size > MAX_GRID_POINTS:
+            raise _Problem("search", f"the grid has {size} points, more than {MAX_GRID_POINTS}; "
+                                     "search a space this large with sampler = \"tpe\"")
         base = self.base.to_dict()
-        runs: dict[str, dict[str, Any]] = {}
+        points = self.checked_points()
         for point in points:  # combinations: e.g. embedding = external with vectors unset
-            config = _build_config(base, point, "search")
-            if config.model != "baseline":  # a baseline trains nothing, writes nothing
-                _check_distinct_run(runs, config, point)
+            _build_config(base, point, "search")
+        self._check_axes_matter()
+
+    def _check_axes_matter(self) -> None:
+        """Refuse an axis that changes no training run (a BERT option in an LSTM study, warm-up under a
+        constant learning rate), judged at every combination of the searched options that decide what
+        matters (config.SWITCHES). One that matters at some of them only is kept: a grid runs each run
+        once (`grid`), and a worker trains a sampled configuration that is another's run only once
+        (`canonical`)."""
+        base = self.base.to_dict()
+        switches = {p.name: p.choices for p in self.space if p.name in SWITCHES}
+        for axis in self.space:
+            others = {k: v for k, v in switches.items() if k != axis.name}
+            same, used = None, len(axis.edges()) < 2
+            for values in itertools.product(*others.values()):
+                points = [{**dict(zip(others, values)), axis.name: value} for value in axis.edges()]
+                if used or not all(_is_valid({**base, **point}) for point in points):
+                    continue  # an invalid combination: refused where the points are built
+                runs: dict[str, dict[str, Any]] = {}
+                for point in points:
+                    first = runs.setdefault(TrainConfig.from_dict({**base, **point}).fingerprint(), point)
+                    same = same or (first, point) if first is not point else same
+                used = len(runs) > 1
+            if same and not used:
+                runs = {}
+                for point in same:  # the message names the two points that are one run, and why
+                    _check_distinct_run(runs, TrainConfig.from_dict({**base, **point}), point)
 
     def _validate_limits(self) -> None:
         if self.max_trials is not None and (not _is_int(self.max_trials) or self.max_trials < 1):
@@ -430,10 +493,8 @@ class StudySpec:
 
 
 def _check_distinct_run(runs: dict[str, dict[str, Any]], config: TrainConfig, point: dict[str, Any]) -> None:
-    """Two points that are one training run (same fingerprint) would share one checkpoint directory: on a
-    grid the second "resumes" the first's finished run and retention deletes the first's best weights; a
-    sampler proposes both as different configurations, which workers train into one directory at once.
-    (A sampled space is checked at its corners, where it has at most MAX_CORNERS of them.)"""
+    """Refuse `point` where it is the same training run (fingerprint) as a point in `runs`, saying which
+    axis changes nothing and why; otherwise add it."""
     first = runs.setdefault(config.fingerprint(), point)
     if first is point:
         return

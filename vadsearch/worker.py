@@ -228,26 +228,81 @@ def open_study(
             # study file could join it.
             study.set_user_attr(STUDY_ATTR, description)
     stored = study.user_attrs.get(STUDY_ATTR)
-    if stored is not None and _searched(stored) != _searched(description):
-        raise StudyFileError(
-            f"{spec.path}: study {spec.name!r} already exists in the storage with another search space "
-            f"or fixed settings; give the study a new [study] name, or use the original file"
-        )
-    if stored is not None and stored.get("data_sha256") != data_sha256:
-        raise StudyFileError(
-            f"{spec.path}: study {spec.name!r} was run on other data (sha256 {stored.get('data_sha256')}); "
-            "pass the same --data, or give the study a new [study] name"
-        )
+    _check_join(spec, stored, description)
+    if stored is not None and stored.get("max_trials") != spec.max_trials:
+        # More (or fewer) trials of the same search is the same study: the latest file's count is the one
+        # `status` and the other workers' progress show.
+        with study_lock(storage, spec.name):
+            study.set_user_attr(STUDY_ATTR, {**study.user_attrs[STUDY_ATTR], "max_trials": spec.max_trials})
+        log.info("study %s now runs %s trials (was %s)", spec.name, spec.max_trials, stored.get("max_trials"))
     reconcile(study, spec, max_stale_retries)
     return study
 
 
-def _searched(description: dict[str, Any]) -> str:
-    # What decides the trials. Descriptive fields may change freely, and so may the epoch budget:
-    # raising max_epochs continues finished runs from their checkpoints.
-    base = {k: v for k, v in description.get("base", {}).items() if k not in ("max_epochs", "patience")}
-    values = {"sampler": description.get("sampler"), "space": description.get("space"), "base": base}
-    return json.dumps(values, sort_keys=True, default=str)
+def study_corpus(spec: StudySpec, data: Path | None = None) -> Corpus:
+    """The sentences a study trains on: `data` (--data), else its file's [data] path or the default
+    corpus, cut to its [data] subset."""
+    from vadsearch.data import load_emobank
+
+    corpus = load_emobank(data or spec.data_path)
+    return corpus.subset(*spec.data_subset, seed=spec.seed) if spec.data_subset else corpus
+
+
+def check_study(spec: StudySpec, storage: optuna.storages.BaseStorage, data_sha256: str) -> None:
+    """Refuse, as a worker would, a study file that the stored study of the same name does not admit
+    (for `launch`, before it starts workers that would each refuse it); nothing is written."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=storage, sampler=optuna.samplers.RandomSampler())
+    except KeyError:
+        return
+    _check_join(spec, study.user_attrs.get(STUDY_ATTR), {**spec.to_dict(), "data_sha256": data_sha256})
+
+
+def _check_join(spec: StudySpec, stored: dict[str, Any] | None, ours: dict[str, Any]) -> None:
+    if stored is None:
+        return
+    changed = _changes(stored, ours)
+    if changed:
+        raise StudyFileError(
+            f"{spec.path}: study {spec.name!r} already exists in the storage with other settings "
+            f"({'; '.join(changed)}); give the study a new [study] name, or use the original file"
+        )
+    if stored.get("data_sha256") != ours["data_sha256"]:
+        raise StudyFileError(f"{spec.path}: study {spec.name!r} was run on {_other_data(stored, ours)}, "
+                             "or give the study a new [study] name")
+
+
+def _changes(stored: dict[str, Any], ours: dict[str, Any], shown: int = 3) -> list[str]:
+    """What decides the trials and differs between a study's stored description and a study file's, in
+    words. The epoch budget counts: a finished trial is not trained further under a larger max_epochs
+    (its epoch checkpoints are gone under the default --keep), and a leaderboard must not mix budgets.
+    Free text, the file's path, the trial count and the axes' order may change."""
+    found = []
+    if stored.get("sampler") != ours.get("sampler"):
+        found.append(f"sampler was {stored.get('sampler')!r}, this file says {ours.get('sampler')!r}")
+    axes = [{p["name"]: p for p in d.get("space") or []} for d in (stored, ours)]
+    for name in sorted(axes[0].keys() | axes[1].keys()):
+        was, now = (a.get(name) for a in axes)
+        if was != now:
+            found.append(f"[search] {name} {'is new' if was is None else 'is gone' if now is None else 'differs'}")
+    bases = [d.get("base") or {} for d in (stored, ours)]
+    for key in sorted(bases[0].keys() | bases[1].keys()):
+        if bases[0].get(key) != bases[1].get(key):
+            found.append(f"[train] {key} was {bases[0].get(key)!r}, this file says {bases[1].get(key)!r}")
+    return found[:shown] + ([f"{len(found) - shown} more"] if len(found) > shown else [])
+
+
+def _other_data(stored: dict[str, Any], ours: dict[str, Any]) -> str:
+    """Which data a study was run on, against ours, in words (a subset's key is no file's checksum)."""
+    subsets = [(d.get("data_subset"), d.get("seed", 0)) for d in (stored, ours)]
+    if any(subset for subset, _ in subsets) and subsets[0] != subsets[1]:
+        said = ["the whole file" if subset is None else f"subset {'/'.join(map(str, subset))} drawn with seed {seed}"
+                for subset, seed in subsets]
+        return f"other sentences ({said[0]}; this file: {said[1]}): use the original [data] subset and [study] seed"
+    checksum = "" if subsets[0][0] else f" (sha256 {str(stored.get('data_sha256'))[:12]})"
+    return f"another data file{checksum}: pass the same --data or [data] path"
 
 
 class _NoTracebacks(logging.Filter):
@@ -297,36 +352,27 @@ class Worker:
     # --- before the first trial: everything that could fail for every trial fails here, once -----
     def preflight(self) -> None:
         from vadsearch.config import check_device
-        from vadsearch.data import load_emobank
 
-        configs = [self.spec.config_for(p) for p in self.spec.grid()] if self.spec.sampler == "grid" else []
-        configs.append(self.spec.base)
-        choices = {p.name: p.choices for p in self.spec.space if p.choices}
+        # Every model, encoder, vector file and layer window the space can reach, each checked once.
+        configs = [self.spec.base, *(self.spec.config_for(p) for p in self.spec.checked_points())]
         check_device(self.options.device)  # by name, without torch: a baseline-only study needs no device
-        if {c.model for c in configs} | set(choices.get("model", ())) != {"baseline"}:
+        if {c.model for c in configs} != {"baseline"}:
             from vadsearch.train import describe_device, resolve_device  # loads torch
 
             self._torch_device = resolve_device(self.options.device)  # and the device exists
             self._device = describe_device(self._torch_device)
-        corpus = load_emobank(self.options.data or self.spec.data_path)
-        if self.spec.data_subset:
-            corpus = corpus.subset(*self.spec.data_subset, seed=self.spec.seed)
-        self._corpus = corpus
+        self._corpus = study_corpus(self.spec, self.options.data)
         self._check_artifacts()  # after the input checks: bad input leaves nothing behind
-        if any(c.model == "lstm" and c.embedding == "external" for c in configs) or "external" in choices.get(
-            "embedding", ()
-        ):
-            from vadsearch.vectors import resolve_vectors
+        from vadsearch.vectors import resolve_vectors
 
-            resolve_vectors(self.spec.base.vectors or "")
-        bert_names = {c.model_name for c in configs if c.model == "bert"} | set(choices.get("model_name", ()))
-        for model_name in bert_names:
+        for vectors in sorted({c.vectors for c in configs if c.model == "lstm" and c.embedding == "external"}):
+            resolve_vectors(vectors)
+        bert = sorted({(c.model_name, c.trainable_layers) for c in configs if c.model == "bert"})
+        for model_name in sorted({name for name, _ in bert}):
             from vadsearch.encoding import load_tokenizer
 
             load_tokenizer(model_name)
-        windows = {(c.model_name, c.trainable_layers) for c in configs if c.model == "bert"}
-        windows |= {(name, window) for name in bert_names for window in choices.get("trainable_layers", ())}
-        for model_name, window in sorted(windows):
+        for model_name, window in bert:
             from vadsearch.models.bert import check_trainable_layers
 
             check_trainable_layers(model_name, window)
@@ -505,13 +551,14 @@ class Worker:
         from vadsearch.reconnect import DatabaseUnreachable
 
         params = self.spec.suggest(trial)
+        key = point_key(params if self.spec.sampler == "grid" else self.spec.canonical(params))
         if self.spec.sampler != "grid":
-            self._refuse_repeat_or_surplus(trial, point_key(params))
+            self._refuse_repeat_or_surplus(trial, key)
         config = self.spec.config_for(params)
         identity = self._identity(params)
         run_dir = self._outcome.run_dir = Path(identity["checkpoint_dir"])
         if "point" not in trial.user_attrs:  # a queued point carries it from the queue already
-            identity["point"] = point_key(params)
+            identity["point"] = key  # sampled: canonical, so that two configurations of one run read the same
         stored = trial.user_attrs  # a queued trial got its identity as it started (see `run`)
         unwritten = {key: value for key, value in identity.items()
                      if stored.get(key) != json.loads(json.dumps(value))}  # compared as stored: JSON
@@ -556,7 +603,7 @@ class Worker:
             set_user_attrs_with_final_state(trial, {"interrupted": True})
             raise
         except MachineFault as exc:
-            if isinstance(exc, GpuMemoryError) and self._gave_way_before(trial, point_key(params)):
+            if isinstance(exc, GpuMemoryError) and self._gave_way_before(trial, key):
                 # Out of memory on a shared card for the second time: most likely a configuration that needs
                 # more than a share, so its own error from now on (retried, then given up), and the worker
                 # goes on. Otherwise it would stop one worker after another, spending nothing.
@@ -588,7 +635,7 @@ class Worker:
         from optuna.trial import TrialState
 
         def key_of(t) -> str | None:
-            return t.user_attrs.get("point") or (point_key(t.params) if t.params else None)
+            return t.user_attrs.get("point") or (point_key(self.spec.canonical(t.params)) if t.params else None)
 
         others = [t for t in trial.study.get_trials(deepcopy=False)
                   if t.number != trial.number and not t.user_attrs.get("orphan")]

@@ -59,9 +59,21 @@ def test_best_is_the_lowest_dev_and_the_study_file_names_the_study(finished, tmp
     assert by_name["trial"] == board[0]["trial"] and by_name["dev"]["mse"] == board[0]["dev_mse"]
 
 
+def test_status_counts_a_pruned_trial_as_done(tmp_path, monkeypatch):
+    import optuna
+
+    monkeypatch.chdir(tmp_path)
+    study = optuna.create_study(study_name="p", storage="sqlite:///vadsearch.db")
+    study.set_user_attr("vadsearch", {"name": "p", "sampler": "tpe", "max_trials": 3, "base": {"model": "lstm"}})
+    for state in ("COMPLETE", "PRUNED", "PRUNED"):
+        study.add_trial(optuna.create_trial(state=optuna.trial.TrialState[state], value=0.1 if state == "COMPLETE"
+                                            else None, intermediate_values={1: 0.2}))
+    assert "p (lstm, tpe): 3/3 trials done (1 complete, 2 pruned), 0 running" in invoke("status").output
+
+
 def test_status_and_compare(finished):
     status = invoke("status")
-    assert "tiny (lstm, grid): 2/2 complete, 0 running" in status.output
+    assert "tiny (lstm, grid): 2/2 trials done (2 complete, 0 pruned), 0 running, 0 waiting, 0 failed" in status.output
     compare = json.loads(invoke("compare", "tiny", "--format", "json").output)
     assert compare[0]["study"] == "tiny" and compare[0]["complete"] == 2
 

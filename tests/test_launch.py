@@ -183,8 +183,7 @@ def test_launch_auto_sizes_from_the_studys_recorded_peak(tmp_path, tiny_csv, mon
     study = optuna.load_study(study_name="auto", storage="sqlite:///vadsearch.db")
     study.add_trial(optuna.create_trial(value=0.1, user_attrs={"peak_gpu_mib": 30000.0}))
     _cards(monkeypatch, {"0": 81920, "1": 40960})
-    result = CliRunner().invoke(app, ["launch", str(study_file), "--gpus", "0", "--workers-per-gpu", "auto",
-                                      "--device", "cpu"])
+    result = CliRunner().invoke(app, ["launch", str(study_file), "--gpus", "0", "--workers-per-gpu", "auto"])
     assert result.exit_code == 0, result.output
     assert "2 worker(s) per GPU: GPUs of 81,920 MiB; a trial of this study peaked at 30,000 MiB" in result.output
     assert "started 2 worker(s) on auto" in result.output
@@ -219,9 +218,24 @@ def test_launch_refuses_a_changed_study_or_missing_data_before_any_worker(tmp_pa
     result = CliRunner().invoke(app, ["launch", str(study_file), "--device", "cpu"])
     assert result.exit_code == 2 and result.stderr.strip() == (
         f"error: {study_file}: study 'c' already exists in the storage with other settings ([train] max_epochs was "
-        "2, this file says 5); give the study a new [study] name, or use the original file")
+        "2, now 5); give the study a new [study] name, or use the original file")
 
     write_study(tmp_path / "d.toml", name="d", data=tmp_path / "missing.csv", search="hidden_size = [4]")
     result = CliRunner().invoke(app, ["launch", "d.toml", "--device", "cpu", "--storage", "sqlite:///d.db"])
     assert result.exit_code == 2 and "missing.csv does not exist" in result.stderr
     assert not (tmp_path / "vadsearch-logs").exists() and not (tmp_path / "d.db").exists()
+
+
+def test_gpus_with_device_cpu_is_refused(tmp_path, tiny_csv, monkeypatch) -> None:
+    # The workers trained on the CPU and --gpus was silently ignored.
+    from typer.testing import CliRunner
+
+    from search_helpers import write_study
+    from vadsearch.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    study_file = write_study(tmp_path / "g.toml", name="g", data=tiny_csv, search="hidden_size = [4]")
+    result = CliRunner().invoke(app, ["launch", str(study_file), "--gpus", "0,1", "--device", "cpu"])
+    assert result.exit_code == 2 and result.stderr.strip() == (
+        "error: --gpus 0,1 names GPUs, but --device cpu trains on the CPU: drop one of them")
+    assert not (tmp_path / "vadsearch-logs").exists()

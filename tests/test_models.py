@@ -342,3 +342,13 @@ def test_build_model_bert(tiny_corpus: Corpus, tiny_bert_dir: str) -> None:
 def test_load_encoder_missing_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot load the encoder"):
         load_encoder(str(tmp_path / "no-such-model"))
+
+
+def test_loading_an_encoder_draws_no_bar_into_a_log_file(tiny_bert_dir: str, capfd) -> None:
+    # A worker's stderr is its log file (launch): transformers' "Loading weights" bar put a redraw per line there.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # as in a fresh worker (a -q command earlier in this process turned it off)
+    load_encoder(tiny_bert_dir)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # put back: a terminal still shows downloads

@@ -118,6 +118,9 @@ def test_export_and_reload_predict_the_same(study, tmp_path):
     trial = best_trial(loaded)
     assert config["format"] == "vadsearch-model" and config["trial"] == trial.number
     assert config["dev"] == trial.user_attrs["dev"] and config["test"] == trial.user_attrs["test"]
+    modes = {path.relative_to(directory).as_posix(): path.stat().st_mode & 0o777
+             for path in directory.rglob("*") if path.is_file()}
+    assert len(set(modes.values())) == 1, modes  # safetensors' files were the owner's alone (0600)
     card = (directory / "README.md").read_text()
     for needle in ("EmoBank", "CC-BY-SA 4.0", predictor.info["data_sha256"], f"Best epoch (on dev): "
                    f"{trial.user_attrs['best_epoch']}", f"{trial.user_attrs['test']['mse']:.4f}"):

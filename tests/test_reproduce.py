@@ -119,7 +119,9 @@ def test_quick_reproduction_of_the_tiny_corpus_runs_in_process_and_resumes(tmp_p
     for carried in ("quick-bert-cased", "quick-bert-freeze"):
         assert {t.user_attrs["config"]["lr"] for t in trials[carried]} == {winner.params["lr"]}
 
-    again = reproduce.run(options)
+    ran = {}
+    again = reproduce.run(options, on_done=lambda spec, summary: ran.update({spec.name: len(summary.trials)}))
+    assert ran == dict.fromkeys(names, 0)  # each said finished, none "running"
     assert {n: len(t) for n, t in trials_by_study(options.storage).items()} == {n: len(t) for n, t in trials.items()}
     assert again.table.equals(result.table)
 
@@ -146,6 +148,8 @@ def test_reproduce_quick_end_to_end_on_the_real_data(tmp_path, real_data_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert {n: len(t) for n, t in trials_by_study(f"sqlite:///{tmp_path}/r.db").items()} == trials
     assert again.stdout == first.stdout  # the same table: nothing was run again
+    assert "study quick-lstm: 6 trial(s) run" in first.stderr
+    assert "study quick-lstm: finished before, nothing to run" in again.stderr
 
     rated = vadsearch("predict", "quick-lstm", "What a wonderful day!", "--storage", f"sqlite:///{tmp_path}/r.db",
                       "-f", "json", cwd=tmp_path)

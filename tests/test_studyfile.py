@@ -214,6 +214,13 @@ def test_absolute_data_path_is_kept(tmp_path):
     assert spec.data_path == (tmp_path / "e.csv").resolve()
 
 
+def test_a_file_that_starts_with_a_utf8_bom_loads(tmp_path):
+    # Notepad writes one: "invalid TOML: Invalid statement (at line 1, column 1)".
+    path = tmp_path / "bom.toml"
+    path.write_bytes("\ufeff[search]\nlr = [0.1, 0.2]\n".encode())
+    assert load_study_file(path).grid() == [{"lr": 0.1}, {"lr": 0.2}]
+
+
 def test_defaults(tmp_path):
     spec = load_study_file(write(tmp_path, "", "tiny-1.toml"))
     assert spec.name == "tiny-1" and spec.sampler == "grid" and spec.grid() == [{}]
@@ -322,7 +329,9 @@ BAD = {
     "wrong data type": ("[data]\npath = 3\n", "data.path: expected a string"),
     "wrong train type": ('[train]\nlr = "fast"\n', "train.lr: lr must be float"),
     "wrong train int": ("[train]\nlayers = 1.5\n", "train.layers: layers must be int"),
-    "invalid train value": ("[train]\nbatch_size = 0\n", "train.batch_size: batch_size must be at least 1"),
+    "invalid train value": ("[train]\nbatch_size = 0\n", "train.batch_size: batch_size must be an integer in [1, 2**31)"),
+    "huge size": ('[study]\nsampler = "tpe"\nmax_trials = 2\n[search]\nhidden_size = { low = 8, high = 1' + "0" * 20
+                  + " }\n", "search.hidden_size: hidden_size must be an integer in [1, 2**31), got 1" + "0" * 20),
     "non-finite train value": ("[train]\nweight_decay = nan\n", "train.weight_decay"),
     "wrong choice type": ('[search]\nlayers = [1, "two"]\n', "search.layers: layers must be int"),
     "scalar search value": ("[search]\nlr = 0.1\n", "search.lr: expected an array of choices"),
@@ -342,7 +351,7 @@ BAD = {
     "range on a string": (TPE_HEADER + "[search]\nmodel = { low = 1, high = 2 }\n", "search.model: model is str, not a number"),
     "range of strings": (TPE_HEADER + '[search]\nlr = { low = "a", high = 0.1 }\n', "search.lr.low: expected a number"),
     "in train and search": ("[train]\nlr = 0.1\n[search]\nlr = [0.1, 0.2]\n", "search.lr: is also set in [train]"),
-    "invalid grid value": ("[search]\nlr = [-1, 0.1]\n", "search.lr: lr must be a finite positive number, got -1.0"),
+    "invalid grid value": ("[search]\nlr = [-1, 0.1]\n", "search.lr: lr must be a positive number up to 10, got -1.0"),
     "invalid choice value": ('[search]\noptimizer = ["adam", "sgd"]\n', "search.optimizer: optimizer must be one of"),
     "invalid range endpoint": (TPE_HEADER + "[search]\ndropout = { low = 0.0, high = 1.0 }\n", "search.dropout: dropout must be in [0, 1), got 1.0"),
     "invalid grid combination": ('[search]\nembedding = ["internal", "external"]\n', "search.embedding: embedding = external needs a word-vector file"),

@@ -97,6 +97,17 @@ def test_found_and_missing_are_logged(tmp_path: Path, caplog: pytest.LogCaptureF
     caplog.set_level(logging.INFO, logger="vadsearch.vectors")
     load_vectors(_write(tmp_path / "logged.txt", GLOVE), VOCAB)
     assert "3 of 4 vocabulary words found" in caplog.text and "1 missing" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_file_that_holds_none_of_the_words_is_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # It trained on random embeddings, with an INFO line only, as if they were pretrained.
+    caplog.set_level(logging.INFO, logger="vadsearch.vectors")
+    embeddings = load_vectors(_write(tmp_path / "other.txt", ["chien 1 1", "chat 2 2"]), VOCAB)
+    assert embeddings.found == 0
+    [warning] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warning.getMessage() == (f"word vectors: none of the 4 vocabulary words is in {tmp_path / 'other.txt'}; "
+                                    "the embeddings start random")
 
 
 def test_special_tokens_in_the_file_keep_pad_zero_and_counts_consistent(tmp_path: Path) -> None:

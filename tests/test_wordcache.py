@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import json
 from pathlib import Path
 
@@ -36,8 +37,13 @@ def _same(a, b) -> None:
     assert a.vocab == b.vocab
 
 
-def test_a_second_worker_reads_the_tokens_instead_of_tokenizing(cache, tiny_corpus: Corpus, monkeypatch) -> None:
+def test_a_second_worker_reads_the_tokens_instead_of_tokenizing(cache, tiny_corpus: Corpus, monkeypatch,
+                                                                caplog) -> None:
+    caplog.set_level(logging.INFO, logger="vadsearch.wordcache")
     first = encode_words(tiny_corpus, lowercase=True)
+    sentences = sum(len(split.texts) for split in (tiny_corpus.train, tiny_corpus.dev, tiny_corpus.test))
+    said = [m for m in caplog.messages if m.startswith("splitting")]
+    assert said == [f"splitting {sentences} sentences into words with spaCy, once: kept in {cache / 'tokens'}"]
     path = wordcache.cache_path(tiny_corpus, True)
     assert path.is_file() and path.parent.parent == cache
     stored = json.loads(gzip.decompress(path.read_bytes()))
@@ -47,6 +53,7 @@ def test_a_second_worker_reads_the_tokens_instead_of_tokenizing(cache, tiny_corp
     monkeypatch.setattr(encoding, "_ENCODED", {})  # a new process
     _forbid_spacy(monkeypatch)
     _same(encode_words(tiny_corpus, lowercase=True), first)
+    assert len([m for m in caplog.messages if m.startswith("splitting")]) == 1  # read, not split: nothing said
 
 
 def test_casing_has_its_own_file(cache, tiny_corpus: Corpus) -> None:

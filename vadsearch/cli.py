@@ -356,6 +356,8 @@ def launch(
     for item in sets or []:
         args += ["--set", item]
     gpu_list = launcher.visible_devices(launcher.parse_gpus(gpus))
+    if gpu_list and device == "cpu":
+        raise ConfigError(f"--gpus {gpus} names GPUs, but --device cpu trains on the CPU: drop one of them")
     per_gpu = launcher.parse_workers_per_gpu(workers_per_gpu)
     # Named GPUs must exist for the workers (else they train on the CPU); auto needs their sizes.
     sizes = launcher.check_gpus(gpu_list) if (gpu_list and device != "cpu") or per_gpu == "auto" else []
@@ -471,7 +473,14 @@ def _duration(seconds: float | None) -> str:
 
 @app.command()
 def status(storage: StorageOpt = None, fmt: FormatOpt = "table") -> None:
-    """Each study: trials by state; running trials with their epoch, worker and heartbeat age."""
+    """Each study: trials by state; running trials with their epoch, worker and heartbeat age.
+
+    Examples:
+
+      vadsearch status
+
+      vadsearch status --storage postgresql+psycopg://user:pw@db/vad --format json
+    """
     from vadsearch import report as reports
 
     rows = reports.status(_open(storage))
@@ -482,9 +491,11 @@ def status(storage: StorageOpt = None, fmt: FormatOpt = "table") -> None:
         typer.echo("no studies yet: start one with `vadsearch worker STUDY_FILE`")
     for row in rows:
         memory = f"; GPU memory per trial up to {row['peak_gpu_mib']:,.0f} MiB" if row["peak_gpu_mib"] else ""
-        typer.echo(f"{row['name']} ({row['model']}, {row['sampler']}): {row['complete']}/{row['max_trials']} complete, "
-                   f"{row['running']} running, {row['waiting']} waiting, {row['fail']} failed, {row['pruned']} pruned"
-                   f"{memory}")
+        # A pruned trial is done too: "2/5 complete, 3 pruned" read as a study still running.
+        done = row["complete"] + row["pruned"]
+        typer.echo(f"{row['name']} ({row['model']}, {row['sampler']}): {done}/{row['max_trials']} trials done "
+                   f"({row['complete']} complete, {row['pruned']} pruned), {row['running']} running, "
+                   f"{row['waiting']} waiting, {row['fail']} failed{memory}")
         for t in row["running_trials"]:
             of = f"/{t['max_epochs']}" if t["max_epochs"] else ""
             typer.echo(f"  trial {t['number']}: epoch {t['epochs_done'] or 0}{of} on {t['worker']}, "
@@ -810,7 +821,12 @@ def reproduce(
         model_name=model_name, carry_best=carry_best, studies_dir=studies_dir, keep=check_keep(keep),
         progress=not quiet,
     )
-    result = reproduction.run(options, on_study=lambda spec: typer.echo(f"study {spec.name}: running", err=True))
+    def done(spec, summary) -> None:  # said of a study already finished too: "running" read as work redone
+        ran = len(summary.trials)
+        typer.echo(f"study {spec.name}: " + (f"{ran} trial(s) run" if ran else "finished before, nothing to run"),
+                   err=True)
+
+    result = reproduction.run(options, on_done=done)
     if result.interrupted:
         typer.echo("interrupted: run the same command again to resume", err=True)
         raise typer.Exit(130)

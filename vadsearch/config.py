@@ -22,6 +22,7 @@ SCHEDULES = ("constant", "linear")
 EMBEDDINGS = ("internal", "external")
 BASELINES = ("constant", "mean")
 _LAYER_WINDOW = re.compile(r"^(all|none|(first|middle|last)-[1-9]\d*|\d+:\d+)$")
+MAX_LR = 10.0
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -88,16 +89,17 @@ class TrainConfig:
         _choice("baseline", self.baseline, BASELINES)
         for name in ("max_epochs", "batch_size", "eval_batch_size", "hidden_size", "layers",
                      "embedding_dim", "min_freq", "max_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+            # Past int32, torch fails inside C++ with a stack of its frames as the trial's reason.
+            if not 1 <= getattr(self, name) < 2**31:
+                raise ConfigError(f"{name} must be an integer in [1, 2**31), got {getattr(self, name)}")
         # Written as `not (x >= 0)` so that NaN, which fails every comparison, is rejected too.
         for name in ("patience", "weight_decay", "grad_clip"):
             if not getattr(self, name) >= 0 or getattr(self, name) == math.inf:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if not 0 <= self.seed < 2**32:  # numpy's and torch's seeds
             raise ConfigError(f"seed must be an integer in [0, 2**32), got {self.seed}")
-        if not 0 < self.lr < math.inf:
-            raise ConfigError(f"lr must be a finite positive number, got {self.lr}")
+        if not 0 < self.lr <= MAX_LR:  # far beyond any Adam rate that trains; 1e38 overflowed inside torch
+            raise ConfigError(f"lr must be a positive number up to {MAX_LR:g}, got {self.lr}")
         for name in ("dropout", "warmup_ratio"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -109,7 +111,8 @@ class TrainConfig:
                 f"got {self.trainable_layers!r}"
             )
         if self.model == "lstm" and self.embedding == "external" and not self.vectors:
-            raise ConfigError("embedding = external needs a word-vector file: set vectors (--vectors PATH)")
+            raise ConfigError("embedding = external needs a word-vector file: vectors = PATH in a study file, "
+                              "--set vectors=PATH for a worker, --vectors PATH for train")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

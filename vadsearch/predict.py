@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
@@ -213,12 +214,23 @@ def export(predictor: Predictor, directory: str | Path) -> Path:
         predictor.tokenizer.save_pretrained(directory / "encoder")
         save_file({"weight": state["head.weight"].contiguous(), "bias": state["head.bias"].contiguous()},
                   str(directory / "head.safetensors"))
+        # safetensors writes its files readable by their owner alone; an export is shared like its other files.
+        mode = _umask_mode()
+        for weights in directory.rglob("*.safetensors"):
+            weights.chmod(mode)
     info = {k: v for k, v in predictor.info.items() if k != "run_dir"}
     document = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "model": predictor.config.model,
                 "train_config": predictor.config.to_dict(), **info}
     (directory / "config.json").write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     (directory / "README.md").write_text(model_card(predictor, directory), encoding="utf-8")
     return directory
+
+
+def _umask_mode() -> int:
+    """The mode a new file gets here (0o644 under the usual umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def load_exported(directory: str | Path, device: str = "auto") -> Predictor:

@@ -19,10 +19,13 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from vadsearch.errors import ConfigError, StudyFileError
 from vadsearch.studyfile import StudySpec, load_study_file
+
+if TYPE_CHECKING:
+    from vadsearch.worker import WorkerSummary
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +123,10 @@ def _check_before_the_first_study(options: ReproduceOptions) -> None:
     writable_dir(options.out, "the results directory", advice="pass another --out")
 
 
-def run(options: ReproduceOptions, on_study: Callable[[StudySpec], None] | None = None) -> ReproduceResult:
-    """Run (or resume) every study, then write the comparison and the freezing figure into `options.out`."""
+def run(options: ReproduceOptions, on_study: Callable[[StudySpec], None] | None = None,
+        on_done: Callable[[StudySpec, WorkerSummary], None] | None = None) -> ReproduceResult:
+    """Run (or resume) every study, then write the comparison and the freezing figure into `options.out`.
+    `on_study` is called as a study starts, `on_done` once it finished (with what its worker ran)."""
     from vadsearch import report
     from vadsearch.retention import check_keep
     from vadsearch.storage import open_storage, storage_url
@@ -145,6 +150,8 @@ def run(options: ReproduceOptions, on_study: Callable[[StudySpec], None] | None 
         if summary.stopped == "interrupted":
             result.interrupted = True
             return result
+        if on_done:
+            on_done(spec, summary)
         if base_name == "bert":
             winner = _winner(open_storage(url, create=False), spec.name)
 

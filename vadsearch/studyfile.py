@@ -13,7 +13,7 @@ and ranges, optionally with a pruner on the per-epoch dev curve. Example::
     dropout = { low = 0.0, high = 0.5 }   # a range: tpe/random only
 
 Everything a user can get wrong becomes one `StudyFileError` line that starts with the file and names
-the key, e.g. ``studies/x.toml: search.lr: lr must be a finite positive number, got -1.0``. Every grid point (and for
+the key, e.g. ``studies/x.toml: search.lr: lr must be a positive number up to 10, got -1.0``. Every grid point (and for
 samplers, every corner of the space) is checked against `TrainConfig` when the file is read, so a bad
 value fails before the first trial instead of after 36 of them.
 
@@ -514,7 +514,7 @@ def load_study_file(path: str | Path) -> StudySpec:
     """Read and validate a study file; any problem is one `StudyFileError` line naming the file and key."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # Windows editors start UTF-8 files with a BOM
         document = tomllib.loads(text)
     except FileNotFoundError:
         raise StudyFileError(f"{path}: no such study file (the shipped ones are in studies/)") from None

@@ -45,7 +45,7 @@ def resolve_vectors(name_or_path: str, *, download: bool = True) -> Path:
     extracted = folder / member
     if extracted.is_file():
         return extracted
-    hint = "download the vectors yourself and pass their path as `vectors` (--vectors PATH)"
+    hint = "download the vectors yourself and pass their path: --vectors PATH (train), --set vectors=PATH (a study)"
     archive = folder / Path(url).name
     if not archive.is_file():
         if not download:
@@ -137,4 +137,7 @@ def _load_vectors(path: str, _mtime_ns: int, _size: int, vocab: Vocabulary, seed
     found = len(rows)
     missing = len(vocab) - 2 - found
     log.info("word vectors: %d of %d vocabulary words found in %s, %d missing", found, len(vocab) - 2, path, missing)
+    if not found:  # random embeddings under the name of pretrained ones: another language, or a bad file
+        log.warning("word vectors: none of the %d vocabulary words is in %s; the embeddings start random",
+                    len(vocab) - 2, path)
     return Embeddings(matrix, found, missing)

@@ -41,6 +41,9 @@ def corpus_tokens(corpus: Corpus, lowercase: bool, tokenize: Tokenize) -> dict[s
     stored = _read(path)
     if stored and stored.get("sha256") == corpus.sha256 and installed in (None, stored.get("spacy")):
         return stored["splits"]
+    # Tens of seconds on the whole corpus, before the first epoch: said, or the worker looks hung.
+    log.info("splitting %d sentences into words with spaCy, once: kept in %s",
+             sum(len(corpus.splits[name].texts) for name in SPLITS), path.parent)
     splits = {name: tokenize(corpus.splits[name].texts, lowercase) for name in SPLITS}
     _write(path, {"format": FORMAT, "sha256": corpus.sha256, "spacy": installed, "splits": splits})
     return splits

@@ -281,7 +281,7 @@ def _changes(stored: dict[str, Any], ours: dict[str, Any], shown: int = 3) -> li
     Free text, the file's path, the trial count and the axes' order may change."""
     found = []
     if stored.get("sampler") != ours.get("sampler"):
-        found.append(f"sampler was {stored.get('sampler')!r}, this file says {ours.get('sampler')!r}")
+        found.append(f"sampler was {stored.get('sampler')!r}, now {ours.get('sampler')!r}")
     axes = [{p["name"]: p for p in d.get("space") or []} for d in (stored, ours)]
     for name in sorted(axes[0].keys() | axes[1].keys()):
         was, now = (a.get(name) for a in axes)
@@ -290,7 +290,7 @@ def _changes(stored: dict[str, Any], ours: dict[str, Any], shown: int = 3) -> li
     bases = [d.get("base") or {} for d in (stored, ours)]
     for key in sorted(bases[0].keys() | bases[1].keys()):
         if bases[0].get(key) != bases[1].get(key):
-            found.append(f"[train] {key} was {bases[0].get(key)!r}, this file says {bases[1].get(key)!r}")
+            found.append(f"[train] {key} was {bases[0].get(key)!r}, now {bases[1].get(key)!r}")
     return found[:shown] + ([f"{len(found) - shown} more"] if len(found) > shown else [])
 
 
@@ -307,18 +307,23 @@ def _other_data(stored: dict[str, Any], ours: dict[str, Any]) -> str:
 
 class _NoTracebacks(logging.Filter):
     """Optuna logs a failed trial with its traceback; the reason is stored on the trial and one line
-    is enough in a worker's log (a Ctrl-C especially is no error). A repeated configuration is no
-    failure at all: Optuna's two lines about it are dropped, the worker logs one of its own."""
+    is enough in a worker's log. A Ctrl-C is no error, and a repeated configuration no failure at all:
+    Optuna's lines about them are dropped, the worker logs its own."""
 
     def __init__(self) -> None:
         super().__init__()
         self.untrained: set[int] = set()  # numbers of the trials in hand that end untrained (repeat, surplus)
+        self.interrupted: set[str] = set()  # numbers of the trials a stop signal ended, as Optuna writes them
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.exc_info = None
         record.exc_text = None
-        if self.untrained and record.name.startswith("optuna."):
-            return not any(record.getMessage().startswith(f"Trial {n} failed") for n in self.untrained)
+        message = record.getMessage() if record.name.startswith("optuna.") else ""
+        if message.startswith("Trial ") and " failed " in message:
+            number = message.split()[1]
+            if "KeyboardInterrupt" in message:  # Ctrl-C, SIGTERM: the worker says it stopped, and why
+                self.interrupted.add(number)
+            return number not in self.interrupted and not any(number == str(n) for n in self.untrained)
         return True
 
 
@@ -438,7 +443,7 @@ class Worker:
         from vadsearch.reconnect import QueueEmpty
 
         opts = self.options
-        queue_empty = False
+        queue_empty = waiting = False
         while True:
             interrupts.check()  # a Ctrl-C that a finalizer swallowed stops the worker here, not at the study's end
             if opts.n_trials is not None and len(self.summary.trials) >= opts.n_trials:
@@ -454,6 +459,9 @@ class Worker:
                     return "finished"
                 if state == "wait":
                     # Every open point runs elsewhere: wait, in case one of those workers dies.
+                    if not waiting:
+                        self._say_waiting(study)
+                    waiting = True
                     with warnings.catch_warnings():  # "experimental" in Optuna 5, used knowingly (DESIGN.md)
                         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                         optuna.storages.fail_stale_trials(study)
@@ -469,6 +477,7 @@ class Worker:
             try:
                 self._outcome = None
                 study.optimize(self._objective, n_trials=1, catch=(Exception,))
+                waiting = False  # a trial was started: a wait from now on is a new one
                 if self._torch_device is not None:
                     from vadsearch.gpumemory import release
 
@@ -496,6 +505,18 @@ class Worker:
                 # and requeued: that worker's result stands, ours is dropped.
                 log.warning("trial %d was taken over by another worker while this one could not reach the "
                             "database; its result here is not recorded", self._taken_over)
+
+    def _say_waiting(self, study: optuna.Study) -> None:
+        """Once per wait: a worker that waits in silence (for a killed worker's heartbeat to go stale)
+        looks hung."""
+        from optuna.trial import TrialState
+
+        running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if not t.user_attrs.get("orphan")]
+        grace = self._storage.grace_period if self._storage is not None else None
+        log.info("waiting: every configuration left runs on another worker (trial%s %s); one whose worker "
+                 "stopped is taken over once its heartbeat is %s s old", "s" * (len(running) != 1),
+                 ", ".join(map(str, running)) or "-", grace)
 
     def _survey_and_queue(self, study: optuna.Study) -> str:
         """`finished`, `wait` (every open point runs elsewhere) or `run` (a trial waits to be run)."""
@@ -619,7 +640,8 @@ class Worker:
             self._machine_fault = fault
             raise
         except Exception as exc:
-            reason = " ".join(str(exc).split()) or type(exc).__name__
+            # torch's errors from C++ carry the stack of its frames after the message: not for a report.
+            reason = " ".join(str(exc).split("\nException raised from ")[0].split()) or type(exc).__name__
             set_user_attrs_with_final_state(trial, {"fail_reason": f"{type(exc).__name__}: {reason}"[:500]})
             raise
         return result.dev.mse

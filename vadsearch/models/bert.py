@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 import numpy as np
 import torch
 from torch import nn
@@ -11,7 +14,14 @@ from vadsearch.errors import ConfigError
 
 def load_encoder(model_name: str) -> nn.Module:
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
+    # transformers draws a "Loading weights" bar on every load: in a worker's log file each redraw is a
+    # line of its own, and -q asks for none. On a terminal it stays, with the download's bars.
+    quiet = not sys.stderr.isatty() or not logging.getLogger("vadsearch").isEnabledFor(logging.INFO)
+    shown = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
     try:
         # fp32 master weights whatever the file stores; CUDA runs use bf16 autocast on top.
         return AutoModel.from_pretrained(model_name, dtype=torch.float32)
@@ -20,6 +30,9 @@ def load_encoder(model_name: str) -> nn.Module:
             f"cannot load the encoder {model_name!r}: pass a hub id this machine can download, "
             f"or a local model directory ({str(exc).splitlines()[0]})"
         ) from None
+    finally:
+        if quiet and shown:
+            hf_logging.enable_progress_bar()
 
 
 class BertRegressor(nn.Module):

@@ -13,6 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+import vadsearch.models.bert
 import vadsearch.report
 import vadsearch.train
 from search_helpers import points_finished, synchronous_checkpoints, write_study
@@ -238,6 +239,13 @@ def test_an_encoder_no_point_trains_with_is_never_loaded(setup, monkeypatch):
     monkeypatch.setattr(vadsearch.encoding, "load_tokenizer", lambda name: pytest.fail(f"loaded {name}"))
     spec, options = setup('hidden_size = [4]\nmodel_name = ["no-such-encoder"]')
     assert Worker(spec, options).run().stopped == "finished"
+    # A BERT study that searches its encoders: the default one, bert-base-uncased, trains no point.
+    loaded = []
+    monkeypatch.setattr(vadsearch.encoding, "load_tokenizer", lambda name: loaded.append(name))
+    monkeypatch.setattr(vadsearch.models.bert, "check_trainable_layers", lambda name, window: None)
+    spec, options = setup('model_name = ["enc-a", "enc-b"]', model="bert")
+    Worker(spec, dataclasses.replace(options, n_trials=0)).preflight()
+    assert sorted(loaded) == ["enc-a", "enc-b"]
 
 
 def test_a_worker_that_waits_for_a_killed_workers_trial_says_so_once(setup, caplog):

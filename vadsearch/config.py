@@ -143,11 +143,11 @@ class TrainConfig:
         values = {k: v for k, v in self.to_dict().items() if k in keep}
         # Read here as their defaults, they no longer tell runs apart, and a run at the defaults keeps
         # the fingerprint it always had: the evaluation batch (speed, not scores), warm-up under a constant
-        # learning rate, the width of embeddings taken from a vector file, a baseline's seed (it draws nothing).
+        # learning rate, the width of embeddings taken from a vector file. (A baseline keeps its seed: it
+        # changes no score, but names a repetition, and N seeds are N instant trials to test a service by.)
         unused = {"eval_batch_size"}
         unused |= {"warmup_ratio"} if self.schedule == "constant" else set()
         unused |= {"embedding_dim"} if self.model == "lstm" and self.embedding == "external" else set()
-        unused |= {"seed"} if self.model == "baseline" else set()
         return {k: _DEFAULTS[k] if k in unused else v for k, v in values.items()}
 
     def fingerprint(self) -> str:

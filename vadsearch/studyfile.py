@@ -249,8 +249,9 @@ class StudySpec:
             return None
         if math.prod(sizes) > MAX_GRID_POINTS:  # too many to list: configurations, not runs
             return math.prod(sizes)
-        names, values = [p.name for p in self.space], [p.values() for p in self.space]
-        return len({self.config_for(dict(zip(names, point))).fingerprint() for point in itertools.product(*values)})
+        names, base = [p.name for p in self.space], self.base.to_dict()
+        points = (dict(zip(names, values)) for values in itertools.product(*(p.values() for p in self.space)))
+        return len({self.config_for(point).fingerprint() for point in points if _is_valid({**base, **point})})
 
     def canonical(self, params: dict[str, Any]) -> dict[str, Any]:
         """`params` with each axis that changes nothing at this point (warm-up under a constant learning
@@ -270,9 +271,9 @@ class StudySpec:
         """Points that stand for the whole space when it is checked: every grid point; a sampled space's
         corners (every combination of its axes' ends) where it has at most MAX_CORNERS, else each axis's
         ends, one axis at a time."""
-        if self.sampler == "grid":
-            return self.grid()
         names = [p.name for p in self.space]
+        if self.sampler == "grid":  # every point, before points of one run are merged (`grid`)
+            return [dict(zip(names, values)) for values in itertools.product(*(p.choices for p in self.space))]
         if math.prod(len(p.edges()) for p in self.space) <= MAX_CORNERS:
             return [dict(zip(names, values)) for values in itertools.product(*(p.edges() for p in self.space))]
         return [{p.name: value} for p in self.space for value in p.edges()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -219,6 +220,24 @@ def test_a_file_that_starts_with_a_utf8_bom_loads(tmp_path):
     path = tmp_path / "bom.toml"
     path.write_bytes("\ufeff[search]\nlr = [0.1, 0.2]\n".encode())
     assert load_study_file(path).grid() == [{"lr": 0.1}, {"lr": 0.2}]
+
+
+@pytest.mark.parametrize(("search", "runs"), [
+    ('embedding = ["internal", "external"]\nfreeze_embeddings = [true, false]\nmodel = ["lstm", "baseline"]', 4),
+    ('schedule = ["constant", "linear"]\nwarmup_ratio = [0.0, 0.1]\nlr = [0.1, 0.01, 0.001]', 9),
+    ('model = ["lstm", "bert"]\nhidden_size = [4, 8]\nmax_length = [32, 64]', 4),
+    ('model = ["lstm", "baseline"]\nhidden_size = { low = 4, high = 6 }\n'
+     'dropout = { low = 0.0, high = 0.2, step = 0.1 }', 10),
+])
+def test_the_runs_a_sampled_space_holds_are_counted_as_listing_them_would(tmp_path, search, runs):
+    # Counted per combination of the options that decide what matters: listing every point of a large
+    # space took seconds each time a study file was read.
+    spec = load_study_file(write(tmp_path, f'[study]\nsampler = "random"\nmax_trials = 1\n'
+                                           f'[train]\nvectors = "v.txt"\n[search]\n{search}\n'))
+    names = [p.name for p in spec.space]
+    listed = {spec.config_for(dict(zip(names, values))).fingerprint()
+              for values in itertools.product(*(p.values() for p in spec.space))}
+    assert spec.space_size() == len(listed) == runs
 
 
 def test_defaults(tmp_path):

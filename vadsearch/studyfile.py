@@ -244,14 +244,31 @@ class StudySpec:
 
     def space_size(self) -> int | None:
         """How many distinct training runs the search space holds; None when an axis is continuous."""
+        return self._space_size
+
+    @functools.cached_property
+    def _space_size(self) -> int | None:  # a worker asks before every trial: counted once
+        """Per combination of the options that decide what matters (config.SWITCHES), the product of
+        the sizes of the axes that matter there; combinations that are one run are counted once."""
         sizes = [p.size() for p in self.space]
         if None in sizes:
             return None
-        if math.prod(sizes) > MAX_GRID_POINTS:  # too many to list: configurations, not runs
-            return math.prod(sizes)
-        names, base = [p.name for p in self.space], self.base.to_dict()
-        points = (dict(zip(names, values)) for values in itertools.product(*(p.values() for p in self.space)))
-        return len({self.config_for(point).fingerprint() for point in points if _is_valid({**base, **point})})
+        base, first = self.base.to_dict(), {p.name: p.edges()[0] for p in self.space}
+        switches = {p.name: p.choices for p in self.space if p.name in SWITCHES}
+        counted: set[str] = set()
+        total = 0
+        for values in itertools.product(*switches.values()):
+            where = {**base, **first, **dict(zip(switches, values))}
+            if not _is_valid(where) or (run := TrainConfig.from_dict(where).fingerprint()) in counted:
+                continue
+            counted.add(run)
+            count = 1
+            for p in self.space:
+                if p.name not in switches and len({TrainConfig.from_dict({**where, p.name: v}).fingerprint()
+                                                   for v in p.edges() if _is_valid({**where, p.name: v})}) > 1:
+                    count *= p.size()
+            total += count
+        return total
 
     def canonical(self, params: dict[str, Any]) -> dict[str, Any]:
         """`params` with each axis that changes nothing at this point (warm-up under a constant learning

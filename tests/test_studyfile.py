@@ -314,6 +314,7 @@ def test_an_axis_that_matters_at_some_values_of_another_keeps_one_point_per_run(
                                {"embedding": "external", "freeze_embeddings": True, "model": "lstm"},
                                {"embedding": "external", "freeze_embeddings": False, "model": "lstm"}]
         assert spec.max_trials == spec.grid_size() == 4
+        assert all(spec.canonical(point) == point for point in spec.grid())  # a worker keys them as they are
         return
     canonical = spec.canonical({"embedding": "internal", "freeze_embeddings": False, "model": "lstm"})
     assert canonical == {"embedding": "internal", "freeze_embeddings": True, "model": "lstm"}

@@ -254,21 +254,21 @@ class StudySpec:
         if None in sizes:
             return None
         base, first = self.base.to_dict(), {p.name: p.edges()[0] for p in self.space}
-        switches = {p.name: p.choices for p in self.space if p.name in SWITCHES}
         counted: set[str] = set()
         total = 0
-        for values in itertools.product(*switches.values()):
-            where = {**base, **first, **dict(zip(switches, values))}
+        for combination in self._switch_combinations():
+            where = {**base, **first, **combination}
             if not _is_valid(where) or (run := TrainConfig.from_dict(where).fingerprint()) in counted:
                 continue
             counted.add(run)
-            count = 1
-            for p in self.space:
-                if p.name not in switches and len({TrainConfig.from_dict({**where, p.name: v}).fingerprint()
-                                                   for v in p.edges() if _is_valid({**where, p.name: v})}) > 1:
-                    count *= p.size()
-            total += count
+            total += math.prod(p.size() for p in self.space
+                               if p.name not in combination and len(_runs_along(where, {}, p) or {}) > 1)
         return total
+
+    def _switch_combinations(self, leaving_out: str | None = None) -> list[dict[str, Any]]:
+        """Every combination of the searched options that decide which others matter (config.SWITCHES)."""
+        switches = {p.name: p.choices for p in self.space if p.name in SWITCHES and p.name != leaving_out}
+        return [dict(zip(switches, values)) for values in itertools.product(*switches.values())]
 
     def canonical(self, params: dict[str, Any]) -> dict[str, Any]:
         """`params` with each axis that changes nothing at this point (warm-up under a constant learning
@@ -466,22 +466,14 @@ class StudySpec:
         once (`grid`), and a worker trains a sampled configuration that is another's run only once
         (`canonical`)."""
         base = self.base.to_dict()
-        switches = {p.name: p.choices for p in self.space if p.name in SWITCHES}
         for axis in self.space:
-            others = {k: v for k, v in switches.items() if k != axis.name}
-            same, used = None, len(axis.edges()) < 2
-            for values in itertools.product(*others.values()):
-                points = [{**dict(zip(others, values)), axis.name: value} for value in axis.edges()]
-                if used or not all(_is_valid({**base, **point}) for point in points):
-                    continue  # an invalid combination: refused where the points are built
-                runs: dict[str, dict[str, Any]] = {}
-                for point in points:
-                    first = runs.setdefault(TrainConfig.from_dict({**base, **point}).fingerprint(), point)
-                    same = same or (first, point) if first is not point else same
-                used = len(runs) > 1
-            if same and not used:
+            judged = [(combination, runs) for combination in self._switch_combinations(leaving_out=axis.name)
+                      if (runs := _runs_along(base, combination, axis)) is not None]  # None: refused elsewhere
+            if len(axis.edges()) > 1 and judged and all(len(runs) == 1 for _, runs in judged):
                 runs = {}
-                for point in same:  # the message names the two points that are one run, and why
+                combination = judged[0][0]
+                for value in axis.edges()[:2]:  # the message names two points that are one run, and why
+                    point = {**combination, axis.name: value}
                     _check_distinct_run(runs, TrainConfig.from_dict({**base, **point}), point)
 
     def _validate_limits(self) -> None:
@@ -508,6 +500,18 @@ class StudySpec:
             raise _Problem("study.max_retries", f"must be an integer >= 0, got {_describe(self.max_retries)}")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
             raise _Problem("study.seed", f"must be an integer in [0, 2**32), got {_describe(self.seed)}")
+
+
+def _runs_along(fixed: dict[str, Any], point: dict[str, Any], axis: Param) -> dict[str, dict[str, Any]] | None:
+    """The distinct training runs (fingerprint → point) as `axis` goes through its ends at `point` on top of
+    the options `fixed`; None where one of them is no valid configuration."""
+    runs: dict[str, dict[str, Any]] = {}
+    for value in axis.edges():
+        moved = {**point, axis.name: value}
+        if not _is_valid({**fixed, **moved}):
+            return None
+        runs.setdefault(TrainConfig.from_dict({**fixed, **moved}).fingerprint(), moved)
+    return runs
 
 
 def _check_distinct_run(runs: dict[str, dict[str, Any]], config: TrainConfig, point: dict[str, Any]) -> None:

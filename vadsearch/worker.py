@@ -323,7 +323,7 @@ class _NoTracebacks(logging.Filter):
             number = message.split()[1]
             if "KeyboardInterrupt" in message:  # Ctrl-C, SIGTERM: the worker says it stopped, and why
                 self.interrupted.add(number)
-            return number not in self.interrupted and not any(number == str(n) for n in self.untrained)
+            return number not in self.interrupted and number not in map(str, self.untrained)
         return True
 
 
@@ -572,14 +572,14 @@ class Worker:
         from vadsearch.reconnect import DatabaseUnreachable
 
         params = self.spec.suggest(trial)
-        key = point_key(params if self.spec.sampler == "grid" else self.spec.canonical(params))
+        key = point_key(self.spec.canonical(params))  # a grid's points are canonical already (`StudySpec.grid`)
         if self.spec.sampler != "grid":
             self._refuse_repeat_or_surplus(trial, key)
         config = self.spec.config_for(params)
         identity = self._identity(params)
         run_dir = self._outcome.run_dir = Path(identity["checkpoint_dir"])
         if "point" not in trial.user_attrs:  # a queued point carries it from the queue already
-            identity["point"] = key  # sampled: canonical, so that two configurations of one run read the same
+            identity["point"] = key  # canonical: two configurations of one run read the same
         stored = trial.user_attrs  # a queued trial got its identity as it started (see `run`)
         unwritten = {key: value for key, value in identity.items()
                      if stored.get(key) != json.loads(json.dumps(value))}  # compared as stored: JSON

@@ -233,10 +233,10 @@ class StudySpec:
     @functools.cached_property
     def _runs(self) -> tuple[dict[str, Any], ...]:
         names = [p.name for p in self.space]
-        runs: dict[str, dict[str, Any]] = {}
+        base, runs = self.base.to_dict(), {}
         for values in itertools.product(*(p.choices for p in self.space)):
-            point = dict(zip(names, values))
-            runs.setdefault(self.config_for(point).fingerprint(), point)
+            point = dict(zip(names, values))  # a bad combination is refused here, naming the keys to blame
+            runs.setdefault(_build_config(base, point, "search").fingerprint(), point)
         return tuple(runs.values())
 
     def grid_size(self) -> int:
@@ -285,12 +285,12 @@ class StudySpec:
         return canonical
 
     def checked_points(self) -> list[dict[str, Any]]:
-        """Points that stand for the whole space when it is checked: every grid point; a sampled space's
+        """Points that stand for the whole space when it is checked: every run of a grid; a sampled space's
         corners (every combination of its axes' ends) where it has at most MAX_CORNERS, else each axis's
         ends, one axis at a time."""
+        if self.sampler == "grid":
+            return self.grid()
         names = [p.name for p in self.space]
-        if self.sampler == "grid":  # every point, before points of one run are merged (`grid`)
-            return [dict(zip(names, values)) for values in itertools.product(*(p.choices for p in self.space))]
         if math.prod(len(p.edges()) for p in self.space) <= MAX_CORNERS:
             return [dict(zip(names, values)) for values in itertools.product(*(p.edges() for p in self.space))]
         return [{p.name: value} for p in self.space for value in p.edges()]
@@ -453,10 +453,11 @@ class StudySpec:
         if size > MAX_GRID_POINTS:
             raise _Problem("search", f"the grid has {size} points, more than {MAX_GRID_POINTS}; "
                                      "search a space this large with sampler = \"tpe\"")
-        base = self.base.to_dict()
-        points = self.checked_points()
-        for point in points:  # combinations: e.g. embedding = external with vectors unset
-            _build_config(base, point, "search")
+        if self.sampler == "grid":
+            self.grid_size()  # builds every point's configuration once (`_runs`): a bad combination fails there
+        else:
+            for point in self.checked_points():  # combinations: e.g. embedding = external with vectors unset
+                _build_config(self.base.to_dict(), point, "search")
         self._check_axes_matter()
 
     def _check_axes_matter(self) -> None:

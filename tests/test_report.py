@@ -356,3 +356,42 @@ def test_compare_says_when_studies_were_scored_on_different_sentences(
     result = vadsearch("compare", "full", "quick", "--storage", url, "--format", "csv", cwd=tmp_path)
     assert result.returncode == 0 and "not comparable" in result.stderr, result.stderr
     assert pd.read_csv(io.StringIO(result.stdout))["study"].tolist() == ["full", "quick"]
+
+
+def test_compare_tells_subsets_of_two_files_apart(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Subsets drawn with one seed are one set of sentences only if they were drawn from one file; a subset
+    stored before the file's checksum was kept beside it is compared by its seed."""
+    storage = open_storage(f"sqlite:///{tmp_path}/c.db")
+    subset = {"data_subset": [800, 100, 100], "seed": 0}
+    for name, extra in (("small", {"data_sha256": "1" * 64, "file_sha256": "a" * 64}),
+                        ("large", {"data_sha256": "2" * 64, "file_sha256": "a" * 64}),  # more training rows
+                        ("other", {"data_sha256": "3" * 64, "file_sha256": "c" * 64}),
+                        ("older", {"data_sha256": "4" * 64})):
+        study = make_study(storage, name, "lstm", max_trials=1)
+        study.set_user_attr("vadsearch", {**study.user_attrs["vadsearch"], **subset, **extra})
+        add_complete(study, {"lr": 1e-3}, dev_mse=0.1, test_mse=0.1, best_epoch=1,
+                     dev=scores(0.1, 0.5, n=100), test=scores(0.1, 0.4, n=100))
+    small, large, other, older = (report.load(storage, n) for n in ("small", "large", "other", "older"))
+    with caplog.at_level("WARNING", logger="vadsearch.report"):
+        caplog.clear()
+        report.compare([small, large])
+        report.compare([small, older])
+        assert not caplog.records
+        report.compare([small, other])
+    [record] = caplog.records
+    assert "small: 100 dev and 100 test sentences of a subset (seed 0) of data aaaaaaaaaaaa" in record.message
+    assert "other: 100 dev and 100 test sentences of a subset (seed 0) of data cccccccccccc" in record.message
+
+
+def test_a_worker_stores_the_file_a_subset_was_drawn_from(tmp_path: Path, tiny_csv: Path) -> None:
+    from search_helpers import write_study
+    from vadsearch.data import file_sha256
+    from vadsearch.studyfile import load_study_file
+    from vadsearch.worker import open_study, study_corpus
+
+    path = write_study(tmp_path / "s.toml", name="s", data=tiny_csv, search="hidden_size = [4]")
+    path.write_text(path.read_text().replace("[train]", "[data.subset]\ntrain = 30\ndev = 10\ntest = 10\n\n[train]"))
+    spec = load_study_file(path)
+    study = open_study(spec, open_storage(f"sqlite:///{tmp_path}/w.db"), 3, study_corpus(spec))
+    stored = study.user_attrs["vadsearch"]
+    assert stored["file_sha256"] == file_sha256(tiny_csv) != stored["data_sha256"]

@@ -338,7 +338,7 @@ def test_joining_with_another_search_space_or_other_data_is_refused_before_any_w
     assert len(load(options).trials) == before
 
 
-def test_a_subset_drawn_otherwise_is_named_as_such(setup):
+def test_a_subset_drawn_otherwise_is_named_as_such(setup, tmp_path):
     spec, options = setup(study="seed = 1")
     spec = dataclasses.replace(spec, data_subset=(20, 5, 5))
     Worker(spec, dataclasses.replace(options, n_trials=0)).run()
@@ -346,6 +346,14 @@ def test_a_subset_drawn_otherwise_is_named_as_such(setup):
             "was run on other sentences (subset 20/5/5 drawn with seed 1; this file: subset 20/5/6 drawn with "
             "seed 1): use the original [data] subset and [study] seed")):
         Worker(dataclasses.replace(spec, data_subset=(20, 5, 6)), options).run()
+    # The same subset of another file: the file it was drawn from is named by its checksum.
+    from vadsearch.data import file_sha256
+
+    other = tmp_path / "other.csv"
+    other.write_text(spec.data_path.read_text().replace("tiny_0000", "tiny_x"))
+    with pytest.raises(StudyFileError, match=re.escape(
+            f"was run on another data file (sha256 {file_sha256(spec.data_path)[:12]}): pass the same")):
+        Worker(spec.with_overrides(data_path=other), options).run()
 
 
 def test_study_attrs_describe_the_study(setup):

@@ -375,7 +375,7 @@ def launch(
     from vadsearch.worker import check_study, study_corpus
 
     corpus = study_corpus(spec, data)
-    check_study(spec, open_storage(url), corpus.sha256)  # opening makes the (SQLite) file a worker would make
+    check_study(spec, open_storage(url), corpus)  # opening makes the (SQLite) file a worker would make
     writable_dir(log_dir, "the log directory", advice="pass another --log-dir")  # the last check: it makes it
     with mps_daemon(gpu_list, log_dir) if mps else contextlib.nullcontext(({}, False)) as (mps_env, renumbered):
         plan = launcher.LaunchPlan(study_file, workers, gpu_list, tuple(args), log_dir, storage=url,

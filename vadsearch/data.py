@@ -72,13 +72,17 @@ class Split:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Corpus:
-    """A validated corpus file: its splits and the sha256 of its bytes (a cache key for features)."""
+    """A validated corpus file: its splits and the sha256 of its bytes (a cache key for features); for a
+    subset, `sha256` keys the subset and `file_sha256` names the file it was drawn from."""
 
     path: Path
     sha256: str
     splits: dict[str, Split]
+    file_sha256: str = ""
 
     def __post_init__(self) -> None:
+        if not self.file_sha256:
+            object.__setattr__(self, "file_sha256", self.sha256)
         missing = [name for name in SPLITS if name not in self.splits]
         if missing:
             raise ValueError(f"corpus is missing splits {missing}; it needs {list(SPLITS)}")
@@ -117,7 +121,8 @@ class Corpus:
             chosen = np.sort(rng.permutation(len(split))[: sizes[name]])
             splits[name] = split.take(chosen)
         key = f"{self.sha256}:{n_train}:{n_dev}:{n_test}:{seed}"
-        return Corpus(path=self.path, sha256=hashlib.sha256(key.encode()).hexdigest(), splits=splits)
+        return Corpus(path=self.path, sha256=hashlib.sha256(key.encode()).hexdigest(), splits=splits,
+                      file_sha256=self.file_sha256)
 
 
 # ---------------------------------------------------------------------------------------------- finding

@@ -274,6 +274,10 @@ def compare(studies: Sequence[optuna.Study]) -> pd.DataFrame:
             **{f"dev_r_{d}": _score(dev, f"r_{d}") for d in DIMENSIONS},
             **{f"test_r_{d}": _score(test, f"r_{d}") for d in DIMENSIONS},
         })
+    # Subsets stored before the file's checksum was kept beside them: subsets are compared by seed alone.
+    if not all(key[2] for key in scored_on.values() if key[0] == "subset"):
+        scored_on = {name: key[:2] + (None,) + key[3:] if key[0] == "subset" else key
+                     for name, key in scored_on.items()}
     if len(set(scored_on.values())) > 1:
         log.warning("these studies were scored on different sentences, so their scores are not comparable: %s",
                     "; ".join(f"{name}: {_describe_data(key)}" for name, key in scored_on.items()))
@@ -281,17 +285,21 @@ def compare(studies: Sequence[optuna.Study]) -> pd.DataFrame:
 
 
 def _scored_on(spec: Mapping[str, Any], winner: FrozenTrial) -> tuple:
-    """What decides the dev and test sentences: the data file (its sha256), or for a subset its seed (the
-    file's checksum is folded into the subset's), and how many sentences the best trial was scored on."""
-    subset = spec.get("data_subset")
-    data = ("subset", spec.get("seed", 0)) if subset else ("file", spec.get("data_sha256"))
+    """What decides the dev and test sentences: for a subset its seed and the file it was drawn from (its
+    own checksum also covers the training size, which the dev and test sentences do not depend on), else
+    the file; and how many sentences the best trial was scored on."""
+    if spec.get("data_subset"):
+        data = ("subset", spec.get("seed", 0), spec.get("file_sha256"))
+    else:
+        data = ("file", 0, spec.get("data_sha256"))
     sizes = tuple((winner.user_attrs.get(split) or {}).get("n") for split in ("dev", "test"))
     return (*data, *sizes)
 
 
 def _describe_data(key: tuple) -> str:
-    kind, which, dev_n, test_n = key
-    data = f"a subset (seed {which})" if kind == "subset" else f"data {str(which)[:12]}"
+    kind, seed, file, dev_n, test_n = key
+    data = f"data {file[:12]}" if file else "data"
+    data = f"a subset (seed {seed}) of {data}" if kind == "subset" else data
     return f"{dev_n} dev and {test_n} test sentences of {data}"
 
 

@@ -207,13 +207,13 @@ def _completed(point: _Point, trials) -> bool:
 
 
 def open_study(
-    spec: StudySpec, storage: optuna.storages.RDBStorage, max_stale_retries: int, data_sha256: str,
+    spec: StudySpec, storage: optuna.storages.RDBStorage, max_stale_retries: int, corpus: Corpus,
     sampler: optuna.samplers.BaseSampler | None = None,
 ) -> optuna.Study:
     """Create the study or join it; refuse to join one whose search space or data differ from ours."""
     import optuna
 
-    description = {**spec.to_dict(), "data_sha256": data_sha256}
+    description = _description(spec, corpus)
     sampler = sampler or spec.make_sampler()
     with study_lock(storage, spec.name):
         try:
@@ -248,7 +248,7 @@ def study_corpus(spec: StudySpec, data: Path | None = None) -> Corpus:
     return corpus.subset(*spec.data_subset, seed=spec.seed) if spec.data_subset else corpus
 
 
-def check_study(spec: StudySpec, storage: optuna.storages.BaseStorage, data_sha256: str) -> None:
+def check_study(spec: StudySpec, storage: optuna.storages.BaseStorage, corpus: Corpus) -> None:
     """Refuse, as a worker would, a study file that the stored study of the same name does not admit
     (for `launch`, before it starts workers that would each refuse it); nothing is written."""
     import optuna
@@ -257,7 +257,13 @@ def check_study(spec: StudySpec, storage: optuna.storages.BaseStorage, data_sha2
         study = optuna.load_study(study_name=spec.name, storage=storage, sampler=optuna.samplers.RandomSampler())
     except KeyError:
         return
-    _check_join(spec, study.user_attrs.get(STUDY_ATTR), {**spec.to_dict(), "data_sha256": data_sha256})
+    _check_join(spec, study.user_attrs.get(STUDY_ATTR), _description(spec, corpus))
+
+
+def _description(spec: StudySpec, corpus: Corpus) -> dict[str, Any]:
+    """What a study stores of itself: its file's settings and its sentences (for a subset, also the file's
+    checksum: two files' subsets drawn with one seed are different sentences)."""
+    return {**spec.to_dict(), "data_sha256": corpus.sha256, "file_sha256": corpus.file_sha256}
 
 
 def _check_join(spec: StudySpec, stored: dict[str, Any] | None, ours: dict[str, Any]) -> None:
@@ -301,7 +307,9 @@ def _other_data(stored: dict[str, Any], ours: dict[str, Any]) -> str:
         said = ["the whole file" if subset is None else f"subset {'/'.join(map(str, subset))} drawn with seed {seed}"
                 for subset, seed in subsets]
         return f"other sentences ({said[0]}; this file: {said[1]}): use the original [data] subset and [study] seed"
-    checksum = "" if subsets[0][0] else f" (sha256 {str(stored.get('data_sha256'))[:12]})"
+    # A subset's data_sha256 is the subset's key; its file's checksum is stored beside it (by newer workers).
+    file = stored.get("file_sha256") or (None if subsets[0][0] else stored.get("data_sha256"))
+    checksum = f" (sha256 {file[:12]})" if file else ""
     return f"another data file{checksum}: pass the same --data or [data] path"
 
 
@@ -411,7 +419,7 @@ class Worker:
         # A stream of the study's seed for this worker alone: see StudySpec.make_sampler.
         stream = f"{self.name}:{time.time_ns()}"
         sampler = self.spec.make_sampler(stream)
-        study = open_study(self.spec, storage, opts.max_stale_retries, self._corpus.sha256, sampler)
+        study = open_study(self.spec, storage, opts.max_stale_retries, self._corpus, sampler)
         self._samplers = (sampler, optuna.samplers.RandomSampler(seed=self.spec.stream_seed(f"{stream}:random")))
         log.info("worker %s on study %s (%s), device %s", self.name, self.spec.name, mask(storage.url), self._device)
         started = time.monotonic()

@@ -356,6 +356,18 @@ def test_a_subset_drawn_otherwise_is_named_as_such(setup, tmp_path):
         Worker(spec.with_overrides(data_path=other), options).run()
 
 
+def test_a_subset_larger_than_the_file_says_so(setup, caplog):
+    from vadsearch.worker import study_corpus
+
+    spec, _ = setup()
+    with caplog.at_level("WARNING", logger="vadsearch.worker"):
+        corpus = study_corpus(dataclasses.replace(spec, data_subset=(100, 5, 30)))
+    assert [len(corpus.splits[s]) for s in ("train", "dev", "test")] == [60, 5, 20]
+    [record] = caplog.records
+    assert record.getMessage().endswith("[data] subset asks for 100 train sentences, the file has 60; "
+                                        "30 test sentences, the file has 20: all of them are used")
+
+
 def test_study_attrs_describe_the_study(setup):
     spec, options = setup()
     Worker(spec, WorkerOptions(**{**options.__dict__, "n_trials": 1})).run()

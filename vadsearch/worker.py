@@ -242,10 +242,16 @@ def open_study(
 def study_corpus(spec: StudySpec, data: Path | None = None) -> Corpus:
     """The sentences a study trains on: `data` (--data), else its file's [data] path or the default
     corpus, cut to its [data] subset."""
-    from vadsearch.data import load_emobank
+    from vadsearch.data import SPLITS, load_emobank
 
     corpus = load_emobank(data or spec.data_path)
-    return corpus.subset(*spec.data_subset, seed=spec.seed) if spec.data_subset else corpus
+    if not spec.data_subset:
+        return corpus
+    short = [f"{n} {name} sentences, the file has {len(corpus.splits[name])}"
+             for name, n in zip(SPLITS, spec.data_subset) if n > len(corpus.splits[name])]
+    if short:
+        log.warning("%s: [data] subset asks for %s: all of them are used", spec.path, "; ".join(short))
+    return corpus.subset(*spec.data_subset, seed=spec.seed)
 
 
 def check_study(spec: StudySpec, storage: optuna.storages.BaseStorage, corpus: Corpus) -> None:

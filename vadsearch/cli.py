@@ -123,10 +123,11 @@ def _scores_line(label: str, scores) -> str:
     def r(value):
         return "  nan" if value != value else f"{value:+.3f}"
 
-    return (
-        f"{label:<5} MSE {scores.mse:.4f}  (V {scores.mse_v:.4f}  A {scores.mse_a:.4f}  D {scores.mse_d:.4f})"
-        f"  r  V {r(scores.r_v)}  A {r(scores.r_a)}  D {r(scores.r_d)}"
-    )
+    rs = (scores.r_v, scores.r_a, scores.r_d)
+    correlation = (f"r  V {r(rs[0])}  A {r(rs[1])}  D {r(rs[2])}" if any(v == v for v in rs)
+                   else "r undefined: the predictions do not vary")  # a constant baseline
+    return (f"{label:<5} MSE {scores.mse:.4f}  (V {scores.mse_v:.4f}  A {scores.mse_a:.4f}  D {scores.mse_d:.4f})"
+            f"  {correlation}")
 
 
 @app.command()

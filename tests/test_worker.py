@@ -330,6 +330,8 @@ def test_joining_with_another_search_space_or_other_data_is_refused_before_any_w
                                                           "[train] patience was 0, now 1")]:
         with pytest.raises(StudyFileError, match=re.escape(said)):
             Worker(spec.with_overrides(train=train), options).run()
+    # A larger evaluation batch for a larger GPU changes speed, not scores: the same study.
+    Worker(spec.with_overrides(train={"eval_batch_size": 7}), dataclasses.replace(options, n_trials=0)).run()
 
     other = tmp_path / "other.csv"
     other.write_text(spec.data_path.read_text().replace("tiny_0000", "tiny_x"))

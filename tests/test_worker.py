@@ -504,6 +504,20 @@ def test_a_sampled_study_takes_the_latest_trial_count_and_ignores_the_order_of_i
     assert (row["complete"], row["max_trials"]) == (2, 2)
 
 
+def test_a_trial_is_never_pruned_on_its_last_epoch(sampled, monkeypatch):
+    # A pruner that would stop every trial: an epoch before the last is pruned, the last one is scored in full
+    # (pruned there, a fully trained run lost its best epoch and its test score).
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: True)
+    spec, options = sampled("lr = [0.001, 0.01]", max_trials=2)
+    Worker(spec.with_overrides(train={"max_epochs": 2}), dataclasses.replace(options, n_trials=1)).run()
+    [pruned] = load(options, "r").trials
+    assert pruned.state == TrialState.PRUNED and list(pruned.intermediate_values) == [1]
+
+    Worker(dataclasses.replace(spec, name="s", max_trials=1), options).run()  # one epoch: its last
+    [done] = load(options, "s").trials
+    assert done.state == TrialState.COMPLETE and done.user_attrs["test"]["mse"] > 0
+
+
 def test_two_sampled_configurations_of_one_training_run_are_trained_once(sampled):
     # Warm-up changes nothing under a constant learning rate: (constant, 0.0) and (constant, 0.1) are one
     # run, in one checkpoint directory. The study holds three runs, and each is trained exactly once.

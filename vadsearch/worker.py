@@ -602,12 +602,13 @@ class Worker:
             set_user_attrs(trial, unwritten)
         log.info("trial %d: %s", trial.number, point_key(params))
 
-        restored = 0
+        restored = best = 0
 
         def on_epoch(epoch) -> None:
-            nonlocal restored
+            nonlocal restored, best
             trial.report(epoch.dev.mse, epoch.epoch)  # its step is the epoch count `status` shows
             interrupts.check()  # a Ctrl-C that a finalizer swallowed during the epoch stops the trial here
+            best = epoch.epoch if epoch.best else best
             if epoch.restored:
                 restored += 1
                 return
@@ -619,7 +620,10 @@ class Worker:
             log.info("trial %d: epoch %d/%d  loss %.4f  dev %.4f%s  %.1f s", trial.number, epoch.epoch,
                      config.max_epochs, epoch.train_loss, epoch.dev.mse, "  best" if epoch.best else "",
                      epoch.seconds)
-            if trial.should_prune():
+            # A run that ends with this epoch (its budget, or its patience, is spent) has done its work: it
+            # is scored, best epoch and test split, rather than pruned on its last dev score.
+            last = epoch.epoch == config.max_epochs or 0 < config.patience <= epoch.epoch - best
+            if not last and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch.epoch} (dev {epoch.dev.mse:.4f})")
 
         try:

@@ -99,6 +99,21 @@ def test_trials_frame_has_every_trial_but_orphans(lstm: optuna.Study) -> None:
     assert not any(c.startswith("test") for c in frame.columns)  # model selection sees dev only
 
 
+def test_an_unfinished_trials_epochs_come_from_the_dev_scores_it_reported(storage) -> None:
+    study = make_study(storage, "u", "lstm", max_trials=3)
+    study.add_trial(optuna.create_trial(state=TrialState.PRUNED, value=0.3, intermediate_values={1: 0.2, 2: 0.3},
+                                        user_attrs={"point": "{}", "worker": "host:1"}))
+    running = study.ask()
+    for epoch, mse in ((1, 0.5), (2, 0.4), (3, 0.45)):
+        running.report(mse, epoch)
+    study.ask()  # started, no epoch yet
+    frame = report.trials_frame(study)
+    assert frame["epochs_done"].tolist()[:2] == [2, 3] and pd.isna(frame["epochs_done"].iloc[2])
+    assert frame["best_epoch"].tolist()[:2] == [1, 2]
+    assert frame["dev_mse"].tolist()[:2] == pytest.approx([0.2, 0.4])  # its best so far, not its last
+    assert frame["failure"].iloc[0] == "pruned after epoch 2" and pd.isna(frame["failure"].iloc[1])
+
+
 def test_each_failure_says_why_and_a_queued_trial_shows_its_point(storage: optuna.storages.RDBStorage) -> None:
     study = make_study(storage, "f", "lstm", max_trials=4)
     causes = [{"fail_reason": "RuntimeError: CUDA out of memory"}, {"interrupted": True},

@@ -167,21 +167,33 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     for t in trials:
         attrs = t.user_attrs
         dev = attrs.get("dev")
+        epochs_done, best_epoch, dev_mse = _so_far(t)
         records.append({
             "number": t.number,
             "state": t.state.name,
             "point": attrs.get("point"),
             **{PARAM_PREFIX + p: chosen[t.number].get(p) for p in params},
-            "epochs_done": attrs.get("epochs_done"),
-            "best_epoch": attrs.get("best_epoch"),
-            "dev_mse": _dev_mse(t),
+            "epochs_done": epochs_done,
+            "best_epoch": best_epoch,
+            "dev_mse": dev_mse,
             **{f"dev_r_{d}": _score(dev, f"r_{d}") for d in DIMENSIONS},
             "worker": attrs.get("worker"),
             "seconds": attrs.get("seconds"),
             "peak_gpu_mib": attrs.get("peak_gpu_mib"),
-            "failure": failures.describe(attrs) if t.state == TrialState.FAIL else None,
+            "failure": failures.describe(attrs) if t.state == TrialState.FAIL
+            else f"pruned after epoch {epochs_done}" if t.state == TrialState.PRUNED else None,
         })
     return _frame(records, columns)
+
+
+def _so_far(trial: FrozenTrial) -> tuple[int | None, int | None, float]:
+    """Epochs done, the best epoch and its dev MSE: as a finished trial stored them, else from the dev
+    scores a running, pruned or failed trial reported epoch by epoch."""
+    steps = trial.intermediate_values
+    if "epochs_done" in trial.user_attrs or not steps:
+        return trial.user_attrs.get("epochs_done"), trial.user_attrs.get("best_epoch"), _dev_mse(trial)
+    best = min(steps, key=lambda step: (_nan_last(steps[step]), step))
+    return max(steps), best, steps[best]
 
 
 def leaderboard(study: optuna.Study, top: int | None = None) -> pd.DataFrame:

@@ -225,6 +225,15 @@ def test_launch_refuses_a_changed_study_or_missing_data_before_any_worker(tmp_pa
     assert result.exit_code == 2 and "missing.csv does not exist" in result.stderr
     assert not (tmp_path / "vadsearch-logs").exists() and not (tmp_path / "d.db").exists()
 
+    # Options each worker would refuse, refused with the worker's own line and exit code.
+    fresh = write_study(tmp_path / "e.toml", name="e", data=tiny_csv, search="hidden_size = [4]")
+    result = CliRunner().invoke(app, ["launch", str(fresh), "--device", "cpu", "--timeout", "-1"])
+    assert result.exit_code == 2 and result.stderr.strip() == "error: --timeout must be a number of seconds >= 0, got -1.0"
+    (tmp_path / "file").write_text("")
+    result = CliRunner().invoke(app, ["launch", str(fresh), "--device", "cpu", "--artifacts", "file"])
+    assert result.exit_code == 4 and "cannot write to the artifact directory file/e" in result.stderr
+    assert not (tmp_path / "vadsearch-logs").exists()
+
 
 def test_gpus_with_device_cpu_is_refused(tmp_path, tiny_csv, monkeypatch) -> None:
     # The workers trained on the CPU and --gpus was silently ignored.

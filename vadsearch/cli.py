@@ -373,11 +373,13 @@ def launch(
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     # Data that cannot be read, a mistyped or unreachable database, a study file the stored study does not
     # admit: one line here, not "worker(s) 0, 1 stopped; see logs" after every worker has failed on it alone.
-    from vadsearch.worker import check_study, study_corpus
+    from vadsearch.worker import WorkerOptions, check_artifacts, check_study, study_corpus
 
+    WorkerOptions(timeout=timeout)  # the workers' options, as each worker would check them
     corpus = study_corpus(spec, data)
     check_study(spec, open_storage(url), corpus)  # opening makes the (SQLite) file a worker would make
-    writable_dir(log_dir, "the log directory", advice="pass another --log-dir")  # the last check: it makes it
+    check_artifacts(artifacts, spec)  # the last checks make what they check
+    writable_dir(log_dir, "the log directory", advice="pass another --log-dir")
     with mps_daemon(gpu_list, log_dir) if mps else contextlib.nullcontext(({}, False)) as (mps_env, renumbered):
         plan = launcher.LaunchPlan(study_file, workers, gpu_list, tuple(args), log_dir, storage=url,
                                    env=tuple(mps_env.items()), renumbered=renumbered)

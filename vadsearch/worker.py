@@ -272,6 +272,14 @@ def _description(spec: StudySpec, corpus: Corpus) -> dict[str, Any]:
     return {**spec.to_dict(), "data_sha256": corpus.sha256, "file_sha256": corpus.file_sha256}
 
 
+def check_artifacts(root: Path, spec: StudySpec) -> None:
+    """An artifact directory that cannot be written would fail every trial: say so once, before the first."""
+    from vadsearch.outdir import writable_dir
+
+    writable_dir(root / spec.name, "the artifact directory", CheckpointError,
+                 "fix its permissions or free space, or pass --artifacts DIR")
+
+
 def _check_join(spec: StudySpec, stored: dict[str, Any] | None, ours: dict[str, Any]) -> None:
     if stored is None:
         return
@@ -382,7 +390,7 @@ class Worker:
             self._torch_device = resolve_device(self.options.device)  # and the device exists
             self._device = describe_device(self._torch_device)
         self._corpus = study_corpus(self.spec, self.options.data)
-        self._check_artifacts()  # after the input checks: bad input leaves nothing behind
+        check_artifacts(self.options.artifacts, self.spec)  # after the input checks: bad input leaves nothing behind
         from vadsearch.vectors import resolve_vectors
 
         for vectors in sorted({c.vectors for c in configs if c.model == "lstm" and c.embedding == "external"}):
@@ -396,13 +404,6 @@ class Worker:
             from vadsearch.models.bert import check_trainable_layers
 
             check_trainable_layers(model_name, window)
-
-    def _check_artifacts(self) -> None:
-        """An artifact directory that cannot be written would fail every trial: say so once, now."""
-        from vadsearch.outdir import writable_dir
-
-        writable_dir(self.options.artifacts / self.spec.name, "the artifact directory", CheckpointError,
-                     "fix its permissions or free space, or pass --artifacts DIR")
 
     # --- the loop ----------------------------------------------------------------------------------
     def run(self) -> WorkerSummary:

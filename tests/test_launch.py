@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -197,6 +198,41 @@ def test_a_failed_worker_is_named_with_how_it_stopped() -> None:
     failed, gave_way = sort_exits(codes)
     assert (failed, gave_way) == ([1, 2, 4], [3])
     assert describe_exits(codes, failed) == "1 (exit code 1), 2 (killed by SIGKILL), 4 (killed by SIGTERM)"
+
+
+def test_a_killed_worker_fails_the_launch_only_if_the_study_is_left_unfinished(tmp_path, tiny_csv, monkeypatch) -> None:
+    # Killed from outside (a kill -9, the OOM killer) while another worker took over its trial and finished the
+    # study: the launch failed all the same. The workers here are stand-ins; how they stopped is what counts.
+    from typer.testing import CliRunner
+
+    from search_helpers import write_study
+    from vadsearch.cli import app
+    from vadsearch.studyfile import load_study_file
+    from vadsearch.worker import Worker, WorkerOptions
+
+    monkeypatch.chdir(tmp_path)
+    study_file = write_study(tmp_path / "k.toml", name="k", data=tiny_csv, search="hidden_size = [4, 8]")
+    exits = []
+    monkeypatch.setattr(launch_module, "start", lambda plan: [])
+    monkeypatch.setattr(launch_module, "wait", lambda processes, on_tick=None: exits)
+
+    def launch(*codes):
+        exits[:] = codes
+        return CliRunner().invoke(app, ["launch", str(study_file), "--device", "cpu"])
+
+    result = launch(-9, -9)  # before either made the study
+    assert result.exit_code == 1 and "worker(s) 0 (killed by SIGKILL), 1 (killed by SIGKILL) stopped; see" in result.stderr
+    options = WorkerOptions(storage="sqlite:///vadsearch.db", device="cpu", progress=False)
+    Worker(load_study_file(study_file), dataclasses.replace(options, n_trials=1)).run()
+    result = launch(-9, 0)  # one of two configurations done
+    assert result.exit_code == 1 and "error: worker(s) 0 (killed by SIGKILL) stopped; see" in result.stderr
+    Worker(load_study_file(study_file), options).run()
+    result = launch(-9, 0)
+    assert result.exit_code == 0 and result.stderr.strip() == (
+        "note: worker(s) 0 (killed by SIGKILL) stopped; the other workers took over its trial and finished the study")
+    assert result.exit_code == 0 and "hidden_size" in result.stdout  # the leaderboard, as after any launch
+    result = launch(1, 0)  # an error of its own fails the launch even so
+    assert result.exit_code == 1 and "error: worker(s) 0 (exit code 1) stopped" in result.stderr
 
 
 def test_launch_refuses_a_changed_study_or_missing_data_before_any_worker(tmp_path, tiny_csv, monkeypatch) -> None:

@@ -399,13 +399,19 @@ def launch(
         typer.echo(f"note: worker(s) {', '.join(map(str, gave_way))} ran out of GPU memory and stopped, leaving "
                    "the GPU to the others; their trials were queued again (next time, fewer --workers-per-gpu)",
                    err=True)
-    if failed:
-        typer.echo(f"error: worker(s) {launcher.describe_exits(codes, failed)} stopped; see {log_dir}/", err=True)
-        raise typer.Exit(1)
     from vadsearch import report as reports
     from vadsearch.worker import progress
 
     storage = _open(url)
+    if failed:
+        stopped = f"worker(s) {launcher.describe_exits(codes, failed)} stopped"
+        # Killed from outside (the OOM killer, a kill -9) while the others finished the study: nothing is lost,
+        # its trial was taken over. An error of its own, or a study left unfinished, fails the launch.
+        if all(codes[i] < 0 for i in failed) and _finished(storage, spec):
+            typer.echo(f"note: {stopped}; the other workers took over its trial and finished the study", err=True)
+        else:
+            typer.echo(f"error: {stopped}; see {log_dir}/", err=True)
+            raise typer.Exit(1)
     if gave_way and timeout is None:  # the study may be left unfinished when the last worker stopped
         settled, running, _ = progress(storage, spec)
         verdict = launcher.unfinished(spec.name, settled, spec.max_trials, running, workers, len(gave_way),
@@ -472,6 +478,15 @@ def _duration(seconds: float | None) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def _finished(storage, spec) -> bool:
+    from vadsearch.worker import progress
+
+    try:
+        return progress(storage, spec)[0] >= spec.max_trials
+    except KeyError:  # its workers stopped before any of them made the study
+        return False
 
 
 @app.command()

@@ -190,7 +190,8 @@ def test_a_study_without_a_finished_trial_is_one_line_in_every_format(tmp_path: 
         trial.set_user_attr("fail_reason", reason)
         failed.tell(trial, state=TrialState.FAIL)
     for name, code, line in (
-        ("waiting", 3, "error: no finished trial in study 'waiting' yet"),
+        ("waiting", 3, "error: no finished trial in study 'waiting' yet (1 running): `vadsearch status` shows how far "
+                       "each is, `vadsearch report waiting --trials` lists them"),
         ("failed", 5, "error: every trial of study 'failed' failed (2); the latest: ConfigError: trainable_layers "
                       "'last-99' does not fit a model of 6 layers (`vadsearch report failed --trials` lists them all)"),
     ):

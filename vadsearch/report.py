@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -231,7 +232,10 @@ def require_complete(study: optuna.Study) -> None:
         latest = failures.describe(failed[-1].user_attrs)
         raise TrainingError(f"every trial of study {study.study_name!r} failed ({len(failed)}); the latest: {latest} "
                             f"(`vadsearch report {study.study_name} --trials` lists them all)")
-    raise StorageError(f"no finished trial in study {study.study_name!r} yet")
+    counts = Counter(t.state.name.lower() for t in trials)
+    held = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no trial"
+    raise StorageError(f"no finished trial in study {study.study_name!r} yet ({held}): `vadsearch status` shows how "
+                       f"far each is, `vadsearch report {study.study_name} --trials` lists them")
 
 
 def best(study: optuna.Study) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 import json
 import re
@@ -140,6 +141,31 @@ def test_status_shows_a_running_trials_epoch_of_how_many_time_running_and_heartb
     lines = invoke("status").output.splitlines()
     assert any(re.fullmatch(rf"  trial {running.number}: epoch 1/2 on gpu3:77, running \d+ s, heartbeat \d+ s ago",
                             line) for line in lines), lines
+
+
+def test_status_calls_a_trial_silent_past_the_grace_period_stale(finished):
+    import optuna
+    import sqlalchemy as sa
+    from optuna.storages._rdb import models
+
+    from vadsearch.report import STALE_AFTER_S
+    from vadsearch.worker import WorkerOptions
+
+    assert STALE_AFTER_S == WorkerOptions.grace_period  # the default a worker takes a trial for dead after
+    storage = optuna.storages.RDBStorage("sqlite:///vadsearch.db")
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    running = study.ask()
+    storage.record_heartbeat(running._trial_id)
+    beat = models.TrialHeartbeatModel
+    with storage.engine.begin() as connection:  # its worker was killed 27 minutes ago
+        mine = beat.trial_id == running._trial_id
+        sent = connection.execute(sa.select(beat.heartbeat).where(mine)).scalar_one()
+        connection.execute(sa.update(beat).where(mine).values(heartbeat=sent - datetime.timedelta(minutes=27)))
+    [line] = [line for line in invoke("status").output.splitlines() if line.startswith(f"  trial {running.number}:")]
+    assert line.endswith("heartbeat 27 min ago (stale: its worker seems gone; the next worker on this study takes "
+                         "it over)")
+    [row] = json.loads(invoke("status", "--format", "json").output)
+    assert row["running_trials"][0]["stale"] is True
 
 
 @pytest.mark.parametrize(("seconds", "shown"), [(None, "?"), (4.4, "4 s"), (119, "119 s"), (150, "2 min"),

@@ -517,7 +517,9 @@ def status(storage: StorageOpt = None, fmt: FormatOpt = "table") -> None:
         for t in row["running_trials"]:
             of = f"/{t['max_epochs']}" if t["max_epochs"] else ""
             typer.echo(f"  trial {t['number']}: epoch {t['epochs_done'] or 0}{of} on {t['worker']}, "
-                       f"running {_duration(t['running_s'])}, heartbeat {_duration(t['heartbeat_age_s'])} ago")
+                       f"running {_duration(t['running_s'])}, heartbeat {_duration(t['heartbeat_age_s'])} ago"
+                       + (" (stale: its worker seems gone; the next worker on this study takes it over)"
+                          if t["stale"] else ""))
         failed = row["failed_trials"]
         for t in failed[-FAILURES_SHOWN:]:  # the latest: a long study's early failures are old news
             retried = ""

@@ -324,7 +324,8 @@ def status(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
     running and heartbeat age, and why each failed trial failed.
 
     `heartbeat_age_s` is None where the trial has no heartbeat (heartbeats off, or not recorded yet) or the
-    storage is not a database.
+    storage is not a database. `stale`: silent for longer than a worker's default grace period, so its
+    worker is most likely gone and the next worker on the study takes it over.
     """
     ages = _heartbeat_ages(storage)
     now = datetime.datetime.now()  # Optuna stores a trial's start in local time, without a zone
@@ -351,6 +352,7 @@ def status(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
                     "max_epochs": _max_epochs(t, spec),
                     "running_s": (now - t.datetime_start).total_seconds() if t.datetime_start else None,
                     "heartbeat_age_s": ages.get((name, t.number)),
+                    "stale": _stale(ages.get((name, t.number)), t, now),
                 }
                 for t in trials
                 if t.state == TrialState.RUNNING
@@ -368,6 +370,16 @@ def gpu_peaks(trials: list[optuna.trial.FrozenTrial]) -> list[float]:
     """The peak GPU memory (MiB) each finished trial's worker held; none off CUDA."""
     return [t.user_attrs["peak_gpu_mib"] for t in trials
             if t.state == TrialState.COMPLETE and t.user_attrs.get("peak_gpu_mib")]
+
+
+STALE_AFTER_S = 60  # a worker's default --grace-period
+
+
+def _stale(heartbeat_age: float | None, trial: FrozenTrial, now: datetime.datetime) -> bool:
+    # A trial that never sent a heartbeat is judged by its start, as workers judge it (`reconnect`).
+    if heartbeat_age is None and trial.datetime_start is not None:
+        heartbeat_age = (now - trial.datetime_start).total_seconds()
+    return heartbeat_age is not None and heartbeat_age > STALE_AFTER_S
 
 
 def _heartbeat_ages(storage: optuna.storages.BaseStorage) -> dict[tuple[str, int], float]:

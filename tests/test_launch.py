@@ -271,7 +271,7 @@ def test_launch_refuses_a_changed_study_or_missing_data_before_any_worker(tmp_pa
     assert not (tmp_path / "vadsearch-logs").exists()
 
 
-def test_gpus_with_device_cpu_is_refused(tmp_path, tiny_csv, monkeypatch) -> None:
+def test_gpus_with_device_cpu_or_workers_per_gpu_without_gpus_is_refused(tmp_path, tiny_csv, monkeypatch) -> None:
     # The workers trained on the CPU and --gpus was silently ignored.
     from typer.testing import CliRunner
 
@@ -283,4 +283,7 @@ def test_gpus_with_device_cpu_is_refused(tmp_path, tiny_csv, monkeypatch) -> Non
     result = CliRunner().invoke(app, ["launch", str(study_file), "--gpus", "0,1", "--device", "cpu"])
     assert result.exit_code == 2 and result.stderr.strip() == (
         "error: --gpus 0,1 names GPUs, but --device cpu trains on the CPU: drop one of them")
+    result = CliRunner().invoke(app, ["launch", str(study_file), "--workers-per-gpu", "2", "--device", "cpu"])
+    assert result.exit_code == 2 and result.stderr.strip() == (
+        "error: --workers-per-gpu 2 puts workers on each GPU of --gpus: name them (e.g. --gpus 0), or give --workers N")
     assert not (tmp_path / "vadsearch-logs").exists()

@@ -360,6 +360,9 @@ def launch(
     if gpu_list and device == "cpu":
         raise ConfigError(f"--gpus {gpus} names GPUs, but --device cpu trains on the CPU: drop one of them")
     per_gpu = launcher.parse_workers_per_gpu(workers_per_gpu)
+    if per_gpu is not None and not gpus:  # else the count silently became --workers on the default device
+        raise ConfigError(f"--workers-per-gpu {workers_per_gpu} puts workers on each GPU of --gpus: name them "
+                          "(e.g. --gpus 0), or give --workers N")
     # Named GPUs must exist for the workers (else they train on the CPU); auto needs their sizes.
     sizes = launcher.check_gpus(gpu_list) if (gpu_list and device != "cpu") or per_gpu == "auto" else []
     if per_gpu == "auto":

@@ -211,7 +211,7 @@ def test_launch_rejects_a_mistyped_device_once_before_starting_workers(tmp_path,
 
 
 @pytest.mark.parametrize(("flags", "code", "line"), [
-    (["--storage", "postgres://x/y"], 3, "error: unsupported database 'postgres' in postgres://x/y"),
+    (["--storage", "postgres://x/y"], 2, "error: unsupported database 'postgres' in postgres://x/y"),
     (["--storage", "sqlite:///no-such-dir/v.db"], 3, "error: cannot create no-such-dir/v.db: directory no-such-dir"),
     (["--storage", "postgresql+psycopg://bob:hunter2@127.0.0.1:1/x"], 3, "error: cannot open postgresql+psycopg://bob:***@"),
     (["--workers", "0"], 2, "error: --workers must be at least 1, got 0"),

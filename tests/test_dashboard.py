@@ -114,7 +114,7 @@ def test_an_unknown_host_is_one_line(store, host):
     (["--port", "0"], 2, "error: --port must be in 1..65535, got 0"),
     (["--storage", "sqlite:////nonexistent/dir/x.db"], 3,
      "error: no study database at /nonexistent/dir/x.db: run a worker first, or pass --storage"),
-    (["--storage", "foo://x"], 3,
+    (["--storage", "foo://x"], 2,
      "error: unsupported database 'foo' in foo://x: use sqlite:///FILE or postgresql+psycopg://…"),
 ])
 def test_bad_options_fail_before_the_banner(store, taken_port, args, exit_code, message):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -30,15 +31,18 @@ def test_passwords_are_masked(url):
     assert "s3cret-pw" not in scrub(f'connection to "{url}" failed for password s3cret-pw', url)
 
 
-@pytest.mark.parametrize("url, message", [
-    ("not a url", "not a database URL"),
-    ("mysql://u:pw@host/db", "unsupported database"),
-    ("sqlite:////no/such/dir/x.db", "does not exist"),
+@pytest.mark.parametrize("url, message, code", [
+    ("not a url", "not a database URL", 2),
+    ("mysql://u:pw@host/db", "unsupported database", 2),
+    ("postgresql+psycopg2://u:pw@127.0.0.1/db", "No module named 'psycopg2'; vadsearch connects to PostgreSQL with "
+                                                "psycopg 3: postgresql+psycopg://", 2),
+    ("sqlite:////no/such/dir/x.db", "does not exist", 3),
 ])
-def test_bad_urls_are_one_clear_error(url, message):
-    with pytest.raises(StorageError, match=message) as error:
+def test_bad_urls_are_one_clear_error(url, message, code):
+    # A mistyped URL is bad input (exit 2); a database that cannot be reached or made, a storage error (3).
+    with pytest.raises(StorageError, match=re.escape(message)) as error:
         open_storage(url)
-    assert "\n" not in str(error.value) and "pw" not in str(error.value)
+    assert "\n" not in str(error.value) and "pw" not in str(error.value) and error.value.exit_code == code
 
 
 def test_unreachable_postgres_names_the_host_but_not_the_password():

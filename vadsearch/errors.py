@@ -31,6 +31,13 @@ class StorageError(VadsearchError):
     exit_code = 3
 
 
+class StorageUrlError(StorageError):
+    """A storage URL that is no database URL, or names a database or driver vadsearch does not use: bad
+    input, as any other mistyped option."""
+
+    exit_code = 2
+
+
 class MachineFault(VadsearchError):
     """This machine cannot run trials now, whatever the configuration: a worker that meets one stops, and
     its trial is queued again without spending the configuration's retries."""

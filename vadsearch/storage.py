@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from vadsearch.errors import StorageError
+from vadsearch.errors import StorageError, StorageUrlError
 
 if TYPE_CHECKING:
     import optuna
@@ -42,10 +42,10 @@ def _parse(url: str):
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
-        raise StorageError(f"not a database URL: {_mask_text(url)!r}; expected sqlite:///FILE or "
-                           "postgresql+psycopg://USER:PASSWORD@HOST/DB") from None
+        raise StorageUrlError(f"not a database URL: {_mask_text(url)!r}; expected sqlite:///FILE or "
+                              "postgresql+psycopg://USER:PASSWORD@HOST/DB") from None
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
-        raise StorageError(f"unsupported database {parsed.get_backend_name()!r} in {mask(url)}: "
+        raise StorageUrlError(f"unsupported database {parsed.get_backend_name()!r} in {mask(url)}: "
                            "use sqlite:///FILE or postgresql+psycopg://…")
     return parsed
 
@@ -140,7 +140,10 @@ def open_storage(
             if outage_limit is not None:
                 storage.outage_limit = outage_limit
             return storage
-    except (SQLAlchemyError, ImportError) as exc:
+    except ImportError as exc:  # postgresql+psycopg2://, +asyncpg, …: a driver not installed
+        raise StorageUrlError(f"cannot open {mask(url)}: {exc}; vadsearch connects to PostgreSQL with psycopg 3: "
+                              "postgresql+psycopg://USER:PASSWORD@HOST/DB") from None
+    except SQLAlchemyError as exc:
         raise StorageError(f"cannot open {mask(url)}: {_first_line(scrub(str(exc), url))}") from None
     except RuntimeError as exc:  # Optuna's schema-version check
         raise StorageError(f"{mask(url)}: {_first_line(scrub(str(exc), url))}") from None

@@ -8,20 +8,22 @@ half-finished one there.
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import optuna
 import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 from search_helpers import POSTGRES_URL, points_finished, synchronous_checkpoints, write_study
+from search_helpers import vadsearch as run_vadsearch
 from typer.testing import CliRunner
 
 import vadsearch.migrate
 import vadsearch.report
 import vadsearch.train
 from vadsearch.cli import app
-from vadsearch.errors import StorageError
-from vadsearch.migrate import migrate
+from vadsearch.errors import ConfigError, StorageError
+from vadsearch.migrate import _same_database, migrate
 from vadsearch.storage import open_storage
 from vadsearch.studyfile import load_study_file
 from vadsearch.worker import Worker, WorkerOptions, point_key
@@ -114,8 +116,20 @@ def test_a_missing_source_study_or_file_is_one_clear_error(hand_made, tmp_path):
     with pytest.raises(StorageError, match="no study named 'nope'.*studies there: made"):
         migrate(hand_made, f"sqlite:///{tmp_path}/target.db", ["nope"])
     assert not list(tmp_path.glob("target.db*"))  # refused before the target was made
-    with pytest.raises(StorageError, match="no study database"):
+    with pytest.raises(StorageError, match="no study database at .*absent.db: check SOURCE_URL"):
         migrate(f"sqlite:///{tmp_path}/absent.db", f"sqlite:///{tmp_path}/target.db")
+
+
+def test_a_database_copied_onto_itself_is_refused(hand_made, tmp_path, monkeypatch):
+    # It used to say the target "already has" every study of the source.
+    monkeypatch.chdir(tmp_path)
+    relative = f"sqlite:///{Path(hand_made.removeprefix('sqlite:///')).relative_to(tmp_path)}"
+    with pytest.raises(ConfigError, match="is both the source and the target"):
+        migrate(hand_made, relative)
+    with pytest.raises(ConfigError, match="is both the source and the target"):
+        migrate("postgresql+psycopg://a:pw@db/vad", "postgresql://b@db:5432/vad")
+    assert not _same_database("postgresql://db/vad", "postgresql://db/other")
+    assert not _same_database("postgresql://db/vad", f"sqlite:///{tmp_path}/vad")
 
 
 def test_a_copy_that_fails_halfway_is_deleted_from_the_target(hand_made, tmp_path, monkeypatch):
@@ -138,6 +152,9 @@ def test_cli_masks_passwords_and_reports_running_trials(hand_made, tmp_path, mon
     assert result.exit_code == 0, result.output
     assert "copied made: 4 trial(s) (1 complete, 2 fail, 1 waiting)" in result.output
     assert "1 running trial(s) failed as interrupted" in result.output
+    # The real entry point: Optuna's own line for each study made in the target is not shown.
+    real = run_vadsearch("migrate", hand_made, f"sqlite:///{tmp_path}/other.db", cwd=tmp_path)
+    assert real.returncode == 0 and real.stderr == "" and "copied made" in real.stdout, real.stderr
 
     again = runner.invoke(app, ["migrate", hand_made, target])
     assert again.exit_code == 3

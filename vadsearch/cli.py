@@ -625,6 +625,7 @@ def migrate(
       VADSEARCH_STORAGE=postgresql+psycopg://vad:PW@db-host/vadsearch vadsearch migrate sqlite:///vadsearch.db
     """
     _setup_logging(True)
+    _optuna_logging(logging.WARNING)  # not a line per study made in the target
     from vadsearch import migrate as migration
     from vadsearch.storage import mask
 

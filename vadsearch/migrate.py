@@ -32,8 +32,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from vadsearch import failures
-from vadsearch.errors import StorageError
-from vadsearch.storage import mask, open_storage, scrub, study_lock
+from vadsearch.errors import ConfigError, StorageError
+from vadsearch.storage import mask, open_storage, scrub, sqlite_path, study_lock
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,11 @@ def migrate(source_url: str, target_url: str, studies: Sequence[str] | None = No
     """
     import optuna
 
+    if _same_database(source_url, target_url):
+        raise ConfigError(f"{mask(source_url)} is both the source and the target: give the database to copy into")
+    path = sqlite_path(source_url)
+    if path is not None and not path.is_file():
+        raise StorageError(f"no study database at {path}: check SOURCE_URL")
     source = open_storage(source_url, create=False)
     available = optuna.get_all_study_names(source)
     names = list(dict.fromkeys(studies)) if studies else sorted(available)
@@ -75,6 +80,18 @@ def migrate(source_url: str, target_url: str, studies: Sequence[str] | None = No
                            "nothing was copied: delete it there (optuna delete-study) or migrate the others "
                            "with --study")
     return [_copy(source, target, name, target_url) for name in names]
+
+
+def _same_database(a: str, b: str) -> bool:
+    """Whether two URLs name one database: one SQLite file, or one PostgreSQL database on one server
+    (whatever the driver, user or password)."""
+    from sqlalchemy.engine import make_url
+
+    paths = sqlite_path(a), sqlite_path(b)
+    if paths[0] is not None or paths[1] is not None:
+        return None not in paths and paths[0].resolve() == paths[1].resolve()
+    where = [(u.get_backend_name(), u.host or "localhost", u.port or 5432, u.database) for u in map(make_url, (a, b))]
+    return where[0] == where[1]
 
 
 def _copy(source, target, name: str, target_url: str) -> MigratedStudy:

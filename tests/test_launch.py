@@ -221,7 +221,8 @@ def test_a_killed_worker_fails_the_launch_only_if_the_study_is_left_unfinished(t
         return CliRunner().invoke(app, ["launch", str(study_file), "--device", "cpu"])
 
     result = launch(-9, -9)  # before either made the study
-    assert result.exit_code == 1 and "worker(s) 0 (killed by SIGKILL), 1 (killed by SIGKILL) stopped; see" in result.stderr
+    assert result.exit_code == 1
+    assert "worker(s) 0 (killed by SIGKILL), 1 (killed by SIGKILL) stopped; see" in result.stderr
     options = WorkerOptions(storage="sqlite:///vadsearch.db", device="cpu", progress=False)
     Worker(load_study_file(study_file), dataclasses.replace(options, n_trials=1)).run()
     result = launch(-9, 0)  # one of two configurations done
@@ -264,7 +265,8 @@ def test_launch_refuses_a_changed_study_or_missing_data_before_any_worker(tmp_pa
     # Options each worker would refuse, refused with the worker's own line and exit code.
     fresh = write_study(tmp_path / "e.toml", name="e", data=tiny_csv, search="hidden_size = [4]")
     result = CliRunner().invoke(app, ["launch", str(fresh), "--device", "cpu", "--timeout", "-1"])
-    assert result.exit_code == 2 and result.stderr.strip() == "error: --timeout must be a number of seconds >= 0, got -1.0"
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: --timeout must be a number of seconds >= 0, got -1.0"
     (tmp_path / "file").write_text("")
     result = CliRunner().invoke(app, ["launch", str(fresh), "--device", "cpu", "--artifacts", "file"])
     assert result.exit_code == 4 and "cannot write to the artifact directory file/e" in result.stderr

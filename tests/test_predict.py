@@ -79,7 +79,7 @@ def test_predict_cli_prints_the_same_numbers_in_every_format(study, tmp_path):
     result = invoke("predict", study.name, *TEXTS, "--storage", study.storage, "--device", "cpu", "-f", "json")
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
-    assert [r["text"] for r in rows] == TEXTS
+    assert [r["text"] for r in rows] == TEXTS and result.stdout.endswith("]\n")  # a line end, as `report` has
     np.testing.assert_allclose([[r["V"], r["A"], r["D"]] for r in rows], expected, rtol=1e-5, atol=1e-5)
 
     sentences = tmp_path / "in.csv"
@@ -159,6 +159,12 @@ def test_export_refuses_a_directory_with_files(lstm_study, tmp_path):
 def test_one_line_errors(lstm_study, tmp_path):
     result = invoke("predict", lstm_study.name, "--storage", lstm_study.storage)
     assert result.exit_code == 2 and "nothing to rate" in result.output
+    (tmp_path / "empty.txt").write_text("\n\n")
+    result = invoke("predict", lstm_study.name, "--file", tmp_path / "empty.txt", "--storage", lstm_study.storage)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: nothing to rate: {tmp_path}/empty.txt holds no sentence"
+    result = invoke("predict", "", "hi", "--storage", lstm_study.storage)  # not the working directory
+    assert result.exit_code == 3 and "no study named ''" in result.stderr
     bad = tmp_path / "bad.csv"
     bad.write_text("sentence\nhello\n")
     result = invoke("predict", lstm_study.name, "--file", bad, "--storage", lstm_study.storage)

@@ -761,14 +761,16 @@ def predict(
         raise ConfigError(f"--format must be table, markdown, csv or json; got {fmt!r}")
     sentences = list(texts or []) + (predictions.read_texts(file) if file is not None else [])
     if not sentences:
-        raise ConfigError("nothing to rate: give sentences as arguments or --file FILE")
+        raise ConfigError(f"nothing to rate: {file} holds no sentence" if file is not None
+                          else "nothing to rate: give sentences as arguments or --file FILE")
     if predictions.names_a_model_directory(study, lambda: reports.list_studies(_open(storage))):
         model = predictions.load_exported(study, device=device)
     else:
         loaded = reports.load(_open(storage), _study_name(study))
         model = predictions.load_best(loaded, artifacts=artifacts, device=device)
     rated = predictions.frame(sentences, model.predict(sentences, batch_size=batch_size))
-    typer.echo(reports.render(rated, fmt), nl=False)
+    shown = reports.render(rated, fmt)
+    typer.echo(shown, nl=not shown.endswith("\n"))  # JSON as the other commands print it: with a line end
 
 
 @app.command("export-model")

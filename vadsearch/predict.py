@@ -290,6 +290,8 @@ def names_a_model_directory(argument: str, studies: Callable[[], list[str]]) -> 
     """Whether `predict`'s argument means a model directory rather than a study: an export, or any other
     directory (which `load_exported` then says is not one), unless it is a bare name that `studies()` also
     holds: inside the artifacts directory each study has a folder of its name."""
+    if not argument.strip():  # Path("") is the working directory: an empty name is no directory
+        return False
     path = Path(argument)
     if is_exported(path) or (path.is_dir() and argument != path.name):
         return True

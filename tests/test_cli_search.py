@@ -74,7 +74,8 @@ def test_status_counts_a_pruned_trial_as_done(tmp_path, monkeypatch):
 
 def test_status_and_compare(finished):
     status = invoke("status")
-    assert "tiny (lstm, grid): 2/2 trials done (2 complete, 0 pruned), 0 running, 0 waiting, 0 failed" in status.output
+    assert ("tiny (lstm, grid): 2/2 configurations done (2 complete, 0 pruned), 0 running, 0 waiting, 0 failed"
+            in status.output)
     compare = json.loads(invoke("compare", "tiny", "--format", "json").output)
     assert compare[0]["study"] == "tiny" and compare[0]["complete"] == 2
 

@@ -514,7 +514,9 @@ def status(storage: StorageOpt = None, fmt: FormatOpt = "table") -> None:
         memory = f"; GPU memory per trial up to {row['peak_gpu_mib']:,.0f} MiB" if row["peak_gpu_mib"] else ""
         # A pruned trial is done too: "2/5 complete, 3 pruned" read as a study still running.
         done = row["complete"] + row["pruned"]
-        typer.echo(f"{row['name']} ({row['model']}, {row['sampler']}): {done}/{row['max_trials']} trials done "
+        # A grid's count is of configurations: a retried one is several trials (`report --trials`), one done.
+        unit = "configurations" if row["sampler"] == "grid" else "trials"
+        typer.echo(f"{row['name']} ({row['model']}, {row['sampler']}): {done}/{row['max_trials']} {unit} done "
                    f"({row['complete']} complete, {row['pruned']} pruned), {row['running']} running, "
                    f"{row['waiting']} waiting, {row['fail']} failed{memory}")
         for t in row["running_trials"]:

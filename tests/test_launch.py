@@ -230,7 +230,7 @@ def test_a_killed_worker_fails_the_launch_only_if_the_study_is_left_unfinished(t
     Worker(load_study_file(study_file), options).run()
     result = launch(-9, 0)
     assert result.exit_code == 0 and result.stderr.strip() == (
-        "note: worker(s) 0 (killed by SIGKILL) stopped; the other workers took over its trial and finished the study")
+        "note: worker(s) 0 (killed by SIGKILL) stopped; the other workers finished the study")
     assert result.exit_code == 0 and "hidden_size" in result.stdout  # the leaderboard, as after any launch
     result = launch(1, 0)  # an error of its own fails the launch even so
     assert result.exit_code == 1 and "error: worker(s) 0 (exit code 1) stopped" in result.stderr

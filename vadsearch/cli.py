@@ -411,7 +411,7 @@ def launch(
         # Killed from outside (the OOM killer, a kill -9) while the others finished the study: nothing is lost,
         # its trial was taken over. An error of its own, or a study left unfinished, fails the launch.
         if all(codes[i] < 0 for i in failed) and _finished(storage, spec):
-            typer.echo(f"note: {stopped}; the other workers took over its trial and finished the study", err=True)
+            typer.echo(f"note: {stopped}; the other workers finished the study", err=True)
         else:
             typer.echo(f"error: {stopped}; see {log_dir}/", err=True)
             raise typer.Exit(1)

@@ -543,6 +543,19 @@ def test_workers_of_one_seeded_study_draw_streams_of_their_own(sampled):
     assert first(spec.make_sampler("host:1")) != first(spec.make_sampler("host:2"))
 
 
+def test_a_seeded_study_run_again_from_an_empty_database_proposes_the_same(sampled, tmp_path):
+    # Each worker's stream is its turn to join the study: the first worker of a fresh study draws the same
+    # configurations every time (a stream named after the host and the clock drew others each run).
+    spec, options = sampled("lr = { low = 0.0001, high = 0.01, log = true }", max_trials=2, sampler="tpe")
+    proposed = []
+    for run in ("a", "b"):
+        again = dataclasses.replace(options, storage=f"sqlite:///{tmp_path}/{run}.db", artifacts=tmp_path / run)
+        Worker(spec, again).run()
+        proposed.append([t.params["lr"] for t in load(again, "r").trials])
+    assert proposed[0] == proposed[1] and len(set(proposed[0])) == 2
+    assert load(again, "r").user_attrs["workers_joined"] == 1
+
+
 def test_a_restarted_worker_of_a_seeded_study_draws_new_configurations(sampled):
     """Sampler state is not in the database: seeded alike, a worker started again proposed again what the
     one before it had run (and several workers started at once proposed the same configurations)."""

@@ -239,6 +239,17 @@ def open_study(
     return study
 
 
+JOINED_ATTR = "workers_joined"
+
+
+def join_turn(storage: optuna.storages.BaseStorage, study: optuna.Study) -> int:
+    """How many workers joined `study` before this one (0 for the first), counted under the study lock."""
+    with study_lock(storage, study.study_name):
+        turn = int(study.user_attrs.get(JOINED_ATTR, 0))
+        study.set_user_attr(JOINED_ATTR, turn + 1)
+    return turn
+
+
 def study_corpus(spec: StudySpec, data: Path | None = None) -> Corpus:
     """The sentences a study trains on: `data` (--data), else its file's [data] path or the default
     corpus, cut to its [data] subset."""
@@ -424,11 +435,14 @@ class Worker:
         # A queued trial's identity is written in the transaction that starts it, not in one of its own.
         storage.on_start = self._start_attrs
         storage.queue_only = self.spec.sampler == "grid"  # a grid samples nothing: it runs queued points
-        # A stream of the study's seed for this worker alone: see StudySpec.make_sampler.
-        stream = f"{self.name}:{time.time_ns()}"
-        sampler = self.spec.make_sampler(stream)
-        study = open_study(self.spec, storage, opts.max_stale_retries, self._corpus, sampler)
-        self._samplers = (sampler, optuna.samplers.RandomSampler(seed=self.spec.stream_seed(f"{stream}:random")))
+        study = open_study(self.spec, storage, opts.max_stale_retries, self._corpus)
+        self._samplers = (study.sampler, study.sampler)  # a grid samples nothing: it runs queued points
+        if self.spec.sampler != "grid":
+            # A stream of the study's seed for this worker alone (see StudySpec.make_sampler), numbered by
+            # its turn to join: the same study file run again from an empty database proposes the same.
+            stream = f"worker-{join_turn(storage, study)}"
+            self._samplers = (self.spec.make_sampler(stream),
+                              optuna.samplers.RandomSampler(seed=self.spec.stream_seed(f"{stream}:random")))
         log.info("worker %s on study %s (%s), device %s", self.name, self.spec.name, mask(storage.url), self._device)
         started = time.monotonic()
         try:

@@ -543,6 +543,26 @@ def test_workers_of_one_seeded_study_draw_streams_of_their_own(sampled):
     assert first(spec.make_sampler("host:1")) != first(spec.make_sampler("host:2"))
 
 
+def test_a_resumed_trial_is_judged_at_each_restored_epoch_as_at_each_trained_one(setup, monkeypatch):
+    # A pruner is asked after every epoch, at its own step; a Hyperband rung is recorded as it is asked. The
+    # epochs a retry restored from its checkpoint used to be passed over, and a rung took a later epoch's score.
+    judged = []
+
+    def should_prune(self) -> bool:
+        frozen = self.study._storage.get_trial(self._trial_id)
+        judged.append((frozen.number, max(frozen.intermediate_values)))
+        if judged[-1] == (0, 2):
+            raise RuntimeError("worker lost after epoch 2")  # its epoch-2 checkpoint is written by now
+        return False
+
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", should_prune)
+    spec, options = setup("hidden_size = [4]", max_epochs=4)
+    assert Worker(spec, options).run().stopped == "finished"
+    [failed, retry] = load(options).trials
+    assert failed.state == TrialState.FAIL and retry.user_attrs["resumed_from"] == 2
+    assert judged == [(0, 1), (0, 2), (1, 1), (1, 2), (1, 3)]  # not at epoch 4, the last
+
+
 def test_a_seeded_study_run_again_from_an_empty_database_proposes_the_same(sampled, tmp_path):
     # Each worker's stream is its turn to join the study: the first worker of a fresh study draws the same
     # configurations every time (a stream named after the host and the clock drew others each run).

@@ -626,15 +626,17 @@ class Worker:
             best = epoch.epoch if epoch.best else best
             if epoch.restored:
                 restored += 1
-                return
-            if epoch.epoch == restored + 1:
-                trial.set_user_attr("resumed_from", restored)  # known now, not only if the trial finishes
-                if restored:
-                    log.info("trial %d: resumed from its epoch-%d checkpoint", trial.number, restored)
-            # A worker's log (launch writes one per worker) shows how each trial is going, epoch by epoch.
-            log.info("trial %d: epoch %d/%d  loss %.4f  dev %.4f%s  %.1f s", trial.number, epoch.epoch,
-                     config.max_epochs, epoch.train_loss, epoch.dev.mse, "  best" if epoch.best else "",
-                     epoch.seconds)
+            else:
+                if epoch.epoch == restored + 1:
+                    trial.set_user_attr("resumed_from", restored)  # known now, not only if the trial finishes
+                    if restored:
+                        log.info("trial %d: resumed from its epoch-%d checkpoint", trial.number, restored)
+                # A worker's log (launch writes one per worker) shows how each trial is going, epoch by epoch.
+                log.info("trial %d: epoch %d/%d  loss %.4f  dev %.4f%s  %.1f s", trial.number, epoch.epoch,
+                         config.max_epochs, epoch.train_loss, epoch.dev.mse, "  best" if epoch.best else "",
+                         epoch.seconds)
+            # Restored epochs are judged too, each at its own step, as if the run had not been interrupted:
+            # a pruner such as Hyperband records its rungs as it is asked, epoch by epoch.
             # A run that ends with this epoch (its budget, or its patience, is spent) has done its work: it
             # is scored, best epoch and test split, rather than pruned on its last dev score.
             last = epoch.epoch == config.max_epochs or 0 < config.patience <= epoch.epoch - best

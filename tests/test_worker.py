@@ -7,6 +7,7 @@ import json
 import logging
 import re
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -541,6 +542,19 @@ def test_workers_of_one_seeded_study_draw_streams_of_their_own(sampled):
 
     assert first(spec.make_sampler("host:1")) == first(spec.make_sampler("host:1"))  # still seeded
     assert first(spec.make_sampler("host:1")) != first(spec.make_sampler("host:2"))
+
+
+@pytest.mark.parametrize("keep", ["best", "all"])
+def test_a_pruned_trial_leaves_what_a_completed_one_leaves(sampled, monkeypatch, keep):
+    # A pruned configuration is never resumed: under --keep best its epoch checkpoints went nowhere before.
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: True)
+    spec, options = sampled("lr = [0.001, 0.01]", max_trials=1)
+    Worker(spec.with_overrides(train={"max_epochs": 3}), dataclasses.replace(options, keep=keep)).run()
+    [pruned] = load(options, "r").trials
+    assert pruned.state == TrialState.PRUNED
+    names = [p.name for p in Path(pruned.user_attrs["checkpoint_dir"]).iterdir()]
+    epochs, bests = ([n for n in names if n.startswith(kind)] for kind in ("epoch-", "best-"))
+    assert (bool(epochs), len(bests)) == ((False, 1) if keep == "best" else (True, len(bests))), names
 
 
 def test_a_resumed_trial_is_judged_at_each_restored_epoch_as_at_each_trained_one(setup, monkeypatch):

@@ -2,11 +2,11 @@
 
 A run directory holds epoch checkpoints (`epoch-*.pt`: model, optimizer, scheduler and RNG state, only
 needed to resume) and best weights (`best-*.pt`: the weights of the best epoch with the config and
-vocabulary, enough to predict and export). A completed configuration is never resumed, so:
+vocabulary, enough to predict and export). A completed or pruned configuration is never resumed, so:
 
 - `all`: everything stays (the run can still be continued by hand with `vadsearch train --checkpoint-dir`);
-- `best` (the default): a completed trial's epoch checkpoints go; its best weights stay, so any finished
-  trial can still be predicted with or exported;
+- `best` (the default): a completed or pruned trial's epoch checkpoints go; its best weights stay, so any
+  finished trial can still be predicted with or exported;
 - `study-best`: as `best`, and the weights of every other completed (or pruned) trial of the study go too,
   leaving the study's best model only. The best is judged by dev MSE when a trial completes; a trial that
   beats it later takes its place, and the old best's weights go at the next completion.
@@ -56,8 +56,8 @@ def retain(
 ) -> list[Path]:
     """Apply `keep` after trial `trial_number` finished training in `run_dir` with `dev_mse`.
 
-    Called by the worker once the trial is stored as COMPLETE: a worker killed before that must find
-    the epoch checkpoints when the trial is retried.
+    Called by the worker once the trial is stored as COMPLETE or PRUNED (`dev_mse` inf: never the best): a
+    worker killed before that must find the epoch checkpoints when the trial is retried.
     `root` is this worker's directory of the study's runs (`ARTIFACTS/STUDY`): other trials' run
     directories are found there by name, so nothing outside it is ever deleted. A file that cannot be
     deleted is logged and left; the trial still completes.

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -583,11 +584,13 @@ class Worker:
         self._repeats = 0
         self.summary.trials.append(outcome.number)
         self.summary.states[outcome.state] += 1
-        if outcome.state == "COMPLETE":
+        if outcome.state in ("COMPLETE", "PRUNED") and outcome.run_dir is not None:
             from vadsearch.retention import retain
 
+            # A pruned configuration is never resumed either; it is never the study's best.
             retain(study, self.options.keep, trial_number=outcome.number, run_dir=outcome.run_dir,
-                   dev_mse=outcome.value, root=self.options.artifacts / self.spec.name)
+                   dev_mse=outcome.value if outcome.state == "COMPLETE" else math.inf,
+                   root=self.options.artifacts / self.spec.name)
 
     # --- one trial ---------------------------------------------------------------------------------
     def _objective(self, trial: optuna.Trial) -> float:

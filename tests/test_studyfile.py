@@ -399,6 +399,8 @@ BAD = {
     "pruner without kind": (TPE_HEADER + "[pruner]\nwarmup_epochs = 1\n", "pruner.kind: is required"),
     "unknown pruner kind": (TPE_HEADER + '[pruner]\nkind = "asha"\n', "pruner.kind: kind must be one of median, hyperband, none"),
     "negative startup": (TPE_HEADER + '[pruner]\nkind = "median"\nstartup_trials = -1\n', "pruner.startup_trials: startup_trials must be an integer >= 0"),
+    "hyperband startup": (TPE_HEADER + '[pruner]\nkind = "hyperband"\nstartup_trials = 7\n', "pruner.startup_trials: is not read by the hyperband pruner: remove it"),
+    "none with warmup": (TPE_HEADER + '[pruner]\nkind = "none"\nwarmup_epochs = 2\n', "pruner.warmup_epochs: is not read by the none pruner: remove it"),
     "hyperband warmup 0": (TPE_HEADER + '[pruner]\nkind = "hyperband"\nwarmup_epochs = 0\n', "pruner.warmup_epochs: warmup_epochs must be at least 1 for hyperband"),
     "warmup past the epochs": (TPE_HEADER + '[train]\nmax_epochs = 3\n[search]\nlr = { low = 0.001, high = 0.01 }\n[pruner]\nkind = "median"\nwarmup_epochs = 3\n', "pruner.warmup_epochs: 3 leaves nothing to prune"),
     "invalid TOML": ('[study]\nsampler = \n', "invalid TOML: Invalid value (at line 2, column 11)"),

@@ -611,6 +611,10 @@ def _parse(document: dict[str, Any], path: Path) -> dict[str, Any]:
         pruner = _check_keys(document["pruner"], _PRUNER_KEYS, "pruner")
         if "kind" not in pruner:
             raise _Problem("pruner.kind", f"is required: one of {', '.join(PRUNERS)}")
+        # Settings a pruner does not read change nothing: refused, as never-relevant axes are.
+        unread = {"hyperband": ["startup_trials"], "none": ["startup_trials", "warmup_epochs"]}.get(pruner["kind"], [])
+        for key in (k for k in unread if k in pruner):
+            raise _Problem(f"pruner.{key}", f"is not read by the {pruner['kind']} pruner: remove it")
         try:
             spec["pruner"] = PrunerSpec(**pruner)
         except ValueError as exc:

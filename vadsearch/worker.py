@@ -315,6 +315,9 @@ def _changes(stored: dict[str, Any], ours: dict[str, Any], shown: int = 3) -> li
     found = []
     if stored.get("sampler") != ours.get("sampler"):
         found.append(f"sampler was {stored.get('sampler')!r}, now {ours.get('sampler')!r}")
+    pruners = [_pruner(d.get("pruner")) for d in (stored, ours)]
+    if pruners[0] != pruners[1]:  # which trials run to the end
+        found.append(f"[pruner] was {pruners[0]}, now {pruners[1]}")
     axes = [{p["name"]: p for p in d.get("space") or []} for d in (stored, ours)]
     for name in sorted(axes[0].keys() | axes[1].keys()):
         was, now = (a.get(name) for a in axes)
@@ -325,6 +328,12 @@ def _changes(stored: dict[str, Any], ours: dict[str, Any], shown: int = 3) -> li
         if bases[0].get(key) != bases[1].get(key):
             found.append(f"[train] {key} was {bases[0].get(key)!r}, now {bases[1].get(key)!r}")
     return found[:shown] + ([f"{len(found) - shown} more"] if len(found) > shown else [])
+
+
+def _pruner(pruner: dict[str, Any] | None) -> str:
+    if not pruner or pruner.get("kind") == "none":
+        return "none"
+    return " ".join(f"{k}={v}" if k != "kind" else str(v) for k, v in pruner.items())
 
 
 def _other_data(stored: dict[str, Any], ours: dict[str, Any]) -> str:

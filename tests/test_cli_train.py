@@ -151,6 +151,35 @@ def test_lstm_prints_epochs_and_resumes(runner: CliRunner, tiny_csv: Path, tmp_p
         assert before.split()[:6] == after.split()[:6]
 
 
+def test_options_that_change_nothing_are_named(runner: CliRunner, tiny_csv: Path) -> None:
+    # Accepted without a word, they read as if they had been tried.
+    result = runner.invoke(app, ["train", *TINY_LSTM_OPTIONS, "--data", str(tiny_csv), "--max-epochs", "1",
+                                 "--warmup-ratio", "0.3", "--trainable-layers", "last-2"])
+    assert result.exit_code == 0, result.output
+    assert ("--warmup-ratio, --trainable-layers change nothing in this run (model lstm, embedding internal, "
+            "schedule constant): ignored") in result.stderr
+    result = runner.invoke(app, ["train", *TINY_LSTM_OPTIONS, "--data", str(tiny_csv), "--max-epochs", "1",
+                                 "--schedule", "linear", "--warmup-ratio", "0.3"])
+    assert result.exit_code == 0 and "ignored" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_ctrl_c_says_whether_the_run_can_resume(tiny_csv: Path, tmp_path: Path, keep: bool) -> None:
+    import signal
+
+    where = ["--checkpoint-dir", str(tmp_path / "run")] if keep else []
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vadsearch.cli", "train", *TINY_LSTM_OPTIONS, "--data", str(tiny_csv),
+         "--max-epochs", "5000", *where], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().startswith("epoch  1")  # training is under way
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == ("interrupted: run the same command again to resume from the last epoch"
+                                               if keep else "interrupted: nothing kept (--checkpoint-dir DIR keeps "
+                                                            "each epoch)")
+
+
 def test_lstm_json(runner: CliRunner, tiny_csv: Path) -> None:
     result = runner.invoke(app, ["train", *TINY_LSTM_OPTIONS, "--data", str(tiny_csv), "--max-epochs", "2",
                                  "--bidirectional", "--json"])

@@ -181,12 +181,18 @@ def train(
       vadsearch train --model baseline --baseline mean
     """
     _setup_logging(quiet or as_json)
-    from vadsearch.config import TrainConfig
+    from vadsearch.config import SWITCHES, TrainConfig
     from vadsearch.data import load_emobank
     from vadsearch.fit import fit as run
 
     options = {k: v for k, v in locals().items() if k in TrainConfig.__dataclass_fields__ and v is not None}
     config = TrainConfig.from_dict(options)
+    unused = config.unused(options)
+    if unused:
+        logging.getLogger("vadsearch").warning(
+            "%s change%s nothing in this run (%s): ignored", ", ".join("--" + k.replace("_", "-") for k in unused),
+            "s" if len(unused) == 1 else "", ", ".join(f"{k} {getattr(config, k)}" for k in SWITCHES
+                                                        if getattr(config, k) is not None and k in config.relevant()))
     corpus = load_emobank(data)
 
     def show(epoch) -> None:
@@ -196,7 +202,17 @@ def train(
             typer.echo(f"epoch {epoch.epoch:>2}  loss {epoch.train_loss:.4f}  dev {epoch.dev.mse:.4f}"
                        f"  {epoch.seconds:5.1f}s{mark}{note}")
 
-    result = run(config, corpus, run_dir=checkpoint_dir, device=device, on_epoch=show, progress=not (quiet or as_json))
+    from vadsearch import interrupts
+
+    try:
+        with interrupts.handled():
+            result = run(config, corpus, run_dir=checkpoint_dir, device=device, on_epoch=show,
+                         progress=not (quiet or as_json))
+    except KeyboardInterrupt:
+        what, code = interrupts.stopped()
+        typer.echo(f"{what}: " + ("run the same command again to resume from the last epoch" if checkpoint_dir
+                                  else "nothing kept (--checkpoint-dir DIR keeps each epoch)"), err=True)
+        raise typer.Exit(code)
     if as_json:
         typer.echo(json.dumps(result.as_dict(), indent=2))
         return

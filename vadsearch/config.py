@@ -150,6 +150,11 @@ class TrainConfig:
         unused |= {"embedding_dim"} if self.model == "lstm" and self.embedding == "external" else set()
         return {k: _DEFAULTS[k] if k in unused else v for k, v in values.items()}
 
+    def unused(self, given: dict[str, Any]) -> list[str]:
+        """The options of `given` that change nothing in this run (`relevant` drops or resets them)."""
+        relevant = self.relevant()
+        return [k for k in given if k not in relevant or relevant[k] != getattr(self, k)]
+
     def fingerprint(self) -> str:
         """Stable hash of `relevant()`: a checkpoint is resumed only under the same fingerprint.
 

@@ -194,11 +194,15 @@ def test_checkpoint_of_other_data_is_not_resumed(tiny_corpus: Corpus, tmp_path: 
     assert result.resumed_from == 0 and (tmp_path / "epoch-0001.pt.rejected").is_file()
 
 
-def test_linear_schedule_with_max_epochs_changed_starts_over(tiny_corpus: Corpus, tmp_path: Path) -> None:
+def test_linear_schedule_with_max_epochs_changed_starts_over(tiny_corpus: Corpus, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     linear = TINY_LSTM.replace(schedule="linear", warmup_ratio=0.25)
     _run(linear.replace(max_epochs=2), tiny_corpus, tmp_path)
-    # The decay spans max_epochs, so a 4-epoch run cannot continue a finished 2-epoch one.
+    # The decay spans max_epochs, so a 4-epoch run cannot continue a finished 2-epoch one; the warning says
+    # what differs, not only that something does.
+    caplog.set_level(logging.WARNING)
     assert _run(linear, tiny_corpus, tmp_path).resumed_from == 0
+    assert "rejected: it belongs to another configuration (max_epochs 2, now 4)" in _warnings(caplog)[0].getMessage()
 
 
 def test_lower_max_epochs_with_the_best_beyond_it_starts_over(

@@ -16,7 +16,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from vadsearch.errors import CheckpointError, ConfigError
 
@@ -121,13 +121,15 @@ class RunDirectory:
             if number not in (state["best_epoch"], previous_best):
                 old.unlink(missing_ok=True)
 
-    def load(self, fingerprint: str, data_sha256: str) -> dict[str, Any] | None:
-        """The newest checkpoint that verifies, with its best weights under `"best_model"`; else None."""
+    def load(self, fingerprint: str, data_sha256: str,
+             explain: Callable[[Any], str] | None = None) -> dict[str, Any] | None:
+        """The newest checkpoint that verifies, with its best weights under `"best_model"`; else None.
+        `explain(config)` says how a rejected checkpoint's configuration differs from the one asked for."""
         self.sweep_temporaries()  # a run starts or resumes here: after a kill, if there was one
         for _, path in self._files("epoch"):
             try:
                 state = _safe_load(path)
-                problem = _mismatch(state, fingerprint, data_sha256)
+                problem = _mismatch(state, fingerprint, data_sha256, explain)
                 if problem is None:
                     best = _safe_load(self.path / f"best-{state['best_epoch']:04d}.pt")
                     problem = None if best.get("fingerprint") == fingerprint else "its best weights belong to another run"
@@ -259,11 +261,13 @@ def host_copy(obj: Any) -> Any:
     return copy(obj)
 
 
-def _mismatch(state: Any, fingerprint: str, data_sha256: str) -> str | None:
+def _mismatch(state: Any, fingerprint: str, data_sha256: str,
+              explain: Callable[[Any], str] | None = None) -> str | None:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         return "not a vadsearch checkpoint"
     if state.get("fingerprint") != fingerprint:
-        return "it belongs to another configuration"
+        differences = explain(state.get("config")) if explain else ""
+        return "it belongs to another configuration" + (f" ({differences})" if differences else "")
     if state.get("data_sha256") != data_sha256:
         return "it was trained on other data"
     return None

@@ -161,9 +161,22 @@ class TrainConfig:
         `patience`, and `max_epochs` under a constant learning rate, are left out: raising the epoch
         budget continues a finished run. A linear schedule spans all epochs, so there it stays in.
         """
+        return hashlib.sha256(json.dumps(self._identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def _identity(self) -> dict[str, Any]:
         ignored = {"patience"} | ({"max_epochs"} if self.schedule == "constant" else set())
-        values = {k: v for k, v in self.relevant().items() if k not in ignored}
-        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+        return {k: v for k, v in self.relevant().items() if k not in ignored}
+
+    def differences(self, other: dict[str, Any]) -> str:
+        """How the run of the configuration `other` (a `to_dict`) differs from this one, in words: what
+        makes their fingerprints differ ("" where `other` is no readable configuration)."""
+        try:
+            theirs = TrainConfig.from_dict(other)._identity()
+        except (ConfigError, TypeError, ValueError):
+            return ""
+        ours = self._identity()
+        return ", ".join(f"{k} {theirs.get(k)!r}, now {ours.get(k)!r}" for k in sorted(theirs.keys() | ours.keys())
+                         if theirs.get(k) != ours.get(k))
 
 
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}

@@ -280,7 +280,7 @@ def _train_on(
 
     run = _Run(config, corpus.sha256, encoded, model, optimizer, scheduler, dev_device)
     directory = RunDirectory(run_dir) if run_dir is not None else None
-    checkpoint = directory.load(config.fingerprint(), corpus.sha256) if directory else None
+    checkpoint = directory.load(config.fingerprint(), corpus.sha256, config.differences) if directory else None
     keep = _epochs_to_keep(checkpoint["history"], config) if checkpoint else 0
     if checkpoint and checkpoint["best_epoch"] > keep:
         # Trained further than this run would (a larger max_epochs, or a patience that ran out later),

@@ -60,6 +60,17 @@ def test_best_is_the_lowest_dev_and_the_study_file_names_the_study(finished, tmp
     assert by_name["trial"] == board[0]["trial"] and by_name["dev"]["mse"] == board[0]["dev_mse"]
 
 
+@pytest.mark.parametrize("command", [["best", "tiny"], ["report", "tiny"], ["report", "tiny", "--trials"],
+                                     ["compare", "tiny"], ["status"]])
+@pytest.mark.parametrize("fmt", ["csv", "json", "table"])
+def test_every_format_ends_in_one_line_end(finished, command, fmt):
+    # A second one was an empty last row to a CSV reader.
+    out = invoke(*command, "--format", fmt).stdout
+    assert out.endswith("\n") and not out.endswith("\n\n"), out[-20:]
+    if fmt == "csv":
+        assert all(csv.reader(io.StringIO(out)))
+
+
 def test_status_counts_a_pruned_trial_as_done(tmp_path, monkeypatch):
     import optuna
 

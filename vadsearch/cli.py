@@ -119,6 +119,12 @@ def _optuna_logging(level: int) -> None:
     optuna.logging.enable_propagation()
 
 
+def _show(rendered: str) -> None:
+    """A rendered table, CSV or JSON on stdout, ending in exactly one line end (a second one was an empty
+    row to a CSV reader)."""
+    typer.echo(rendered, nl=not rendered.endswith("\n"))
+
+
 def _scores_line(label: str, scores) -> str:
     def r(value):
         return "  nan" if value != value else f"{value:+.3f}"
@@ -315,9 +321,9 @@ def worker(
     if summary.stopped == "finished":
         study = reports.load(_open(storage), spec.name)
         found = {k: v for k, v in reports.best(study).items() if k != "config"}  # says so if every trial failed
-        typer.echo(reports.render(reports.leaderboard(study, top=10), "table"))
+        _show(reports.render(reports.leaderboard(study, top=10), "table"))
         typer.echo("")
-        typer.echo(reports.render(found, "table"))
+        _show(reports.render(found, "table"))
 
 
 @app.command()
@@ -443,7 +449,7 @@ def launch(
     board = reports.leaderboard(study, top=10)
     if board.empty and timeout is None:
         reports.require_complete(study)  # says so if every trial failed
-    typer.echo(reports.render(board, "table"))
+    _show(reports.render(board, "table"))
 
 
 def _progress_bar(spec, url: str):
@@ -522,7 +528,7 @@ def status(storage: StorageOpt = None, fmt: FormatOpt = "table") -> None:
 
     rows = reports.status(_open(storage))
     if fmt != "table":
-        typer.echo(reports.render(rows, fmt))
+        _show(reports.render(rows, fmt))
         return
     if not rows:
         typer.echo("no studies yet: start one with `vadsearch worker STUDY_FILE`")
@@ -576,18 +582,18 @@ def report(
     if trials:
         frame = reports.trials_frame(loaded)
         # The point repeats the param.* columns as JSON: kept for machines, left out of tables.
-        typer.echo(reports.render(frame if fmt in ("csv", "json") else frame.drop(columns="point"), fmt))
+        _show(reports.render(frame if fmt in ("csv", "json") else frame.drop(columns="point"), fmt))
         return
     board = reports.leaderboard(loaded, top=top)
     if board.empty:
         reports.require_complete(loaded)  # says why, in every format, with nothing on stdout
     if fmt in ("csv", "json"):
-        typer.echo(reports.render(board, fmt))
+        _show(reports.render(board, fmt))
         return
-    typer.echo(reports.render(board, fmt))
+    _show(reports.render(board, fmt))
     typer.echo("")
     summary = {k: v for k, v in reports.best(loaded).items() if k != "config"}  # the config: see `best`
-    typer.echo(reports.render(summary, fmt))
+    _show(reports.render(summary, fmt))
 
 
 @app.command()
@@ -598,7 +604,7 @@ def best(study: StudyArg, storage: StorageOpt = None, fmt: FormatOpt = "json") -
     """
     from vadsearch import report as reports
 
-    typer.echo(reports.render(reports.best(reports.load(_open(storage), _study_name(study))), fmt))
+    _show(reports.render(reports.best(reports.load(_open(storage), _study_name(study))), fmt))
 
 
 @app.command()
@@ -615,7 +621,7 @@ def compare(
     from vadsearch import report as reports
 
     opened = _open(storage)
-    typer.echo(reports.render(reports.compare([reports.load(opened, _study_name(s)) for s in studies]), fmt))
+    _show(reports.render(reports.compare([reports.load(opened, _study_name(s)) for s in studies]), fmt))
 
 
 @app.command()
@@ -787,8 +793,7 @@ def predict(
         loaded = reports.load(_open(storage), _study_name(study))
         model = predictions.load_best(loaded, artifacts=artifacts, device=device)
     rated = predictions.frame(sentences, model.predict(sentences, batch_size=batch_size))
-    shown = reports.render(rated, fmt)
-    typer.echo(shown, nl=not shown.endswith("\n"))  # JSON as the other commands print it: with a line end
+    _show(reports.render(rated, fmt))
 
 
 @app.command("export-model")
@@ -874,7 +879,7 @@ def reproduce(
     if result.interrupted:
         typer.echo("interrupted: run the same command again to resume", err=True)
         raise typer.Exit(130)
-    typer.echo(reports.render(result.table, "table"))
+    _show(reports.render(result.table, "table"))
     for path in result.files:
         typer.echo(f"wrote {path}")
 

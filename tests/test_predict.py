@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -262,6 +264,19 @@ def test_read_texts_is_strict_and_counts_lines_of_multiline_records(tmp_path):
     table.write_text("", encoding="utf-8")
     with pytest.raises(DataError, match="needs a `text` column; its columns are none"):
         read_texts(table)
+
+
+def test_sentences_that_are_not_utf8_are_one_line(lstm_study, tmp_path):
+    # As arguments Python hands them over as lone surrogates, and stdin decoded them the same way: both
+    # failed deep in a tokenizer, with a traceback.
+    shown = subprocess.run([sys.executable, "-m", "vadsearch.cli", "predict", lstm_study.name, "caf\udce9",
+                            "--storage", lstm_study.storage, "--device", "cpu"],
+                           capture_output=True, text=True, errors="surrogateescape", cwd=tmp_path)
+    assert shown.returncode == 2 and shown.stderr.strip() == "error: sentence 1 (caf\\xe9) is not UTF-8 text"
+    piped = subprocess.run([sys.executable, "-m", "vadsearch.cli", "predict", lstm_study.name, "--file", "-",
+                            "--storage", lstm_study.storage, "--device", "cpu"],
+                           input=b"caf\xe9\n", capture_output=True, cwd=tmp_path)
+    assert piped.returncode == 2 and b"error: standard input: cannot read as UTF-8 text" in piped.stderr
 
 
 def test_a_text_file_splits_at_line_breaks_only(tmp_path):

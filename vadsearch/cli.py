@@ -783,7 +783,7 @@ def predict(
 
     if fmt not in ("table", "markdown", "csv", "json"):
         raise ConfigError(f"--format must be table, markdown, csv or json; got {fmt!r}")
-    sentences = list(texts or []) + (predictions.read_texts(file) if file is not None else [])
+    sentences = predictions.check_texts(list(texts or [])) + (predictions.read_texts(file) if file is not None else [])
     if not sentences:
         raise ConfigError(f"nothing to rate: {file} holds no sentence" if file is not None
                           else "nothing to rate: give sentences as arguments or --file FILE")

@@ -400,6 +400,18 @@ def _scores_table(info: dict[str, Any]) -> str:
 # --- reading input texts -------------------------------------------------------------------------------
 
 
+def check_texts(texts: list[str]) -> list[str]:
+    """Sentences given as arguments: bytes that are not UTF-8 reach Python as lone surrogates, which no
+    tokenizer takes; one line names the first such sentence."""
+    for number, text in enumerate(texts, 1):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = text.encode("utf-8", "surrogateescape")[:40].decode("utf-8", "backslashreplace")
+            raise DataError(f"sentence {number} ({shown}) is not UTF-8 text") from None
+    return texts
+
+
 def read_texts(path: str | Path) -> list[str]:
     """Sentences from a file: a CSV's `text` column (`.csv`), else one sentence per non-empty line."""
     import csv
@@ -407,7 +419,14 @@ def read_texts(path: str | Path) -> list[str]:
     import sys
 
     if str(path) == "-":
-        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        # As bytes, decoded strictly: Python's own decoding of stdin lets invalid bytes through as surrogates,
+        # which failed later, deep in a tokenizer.
+        raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+        try:
+            text = raw.decode("utf-8-sig") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError as exc:
+            raise DataError(f"standard input: cannot read as UTF-8 text ({exc})") from None
+        return [line for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n") if line.strip()]
     path = Path(path)
     try:
         raw = path.read_text(encoding="utf-8-sig")

@@ -124,8 +124,9 @@ def test_export_and_reload_predict_the_same(study, tmp_path):
              for path in directory.rglob("*") if path.is_file()}
     assert len(set(modes.values())) == 1, modes  # safetensors' files were the owner's alone (0600)
     card = (directory / "README.md").read_text()
-    for needle in ("EmoBank", "CC-BY-SA 4.0", predictor.info["data_sha256"], f"Best epoch (on dev): "
-                   f"{trial.user_attrs['best_epoch']}", f"{trial.user_attrs['test']['mse']:.4f}"):
+    # The tiny corpus is no EmoBank: the card says so rather than "10k English sentences".
+    for needle in ("format of [EmoBank]", "not the published file", predictor.info["data_sha256"],
+                   f"Best epoch (on dev): {trial.user_attrs['best_epoch']}", f"{trial.user_attrs['test']['mse']:.4f}"):
         assert needle in card
     if predictor.config.model == "lstm":
         state = torch.load(directory / "model.pt", weights_only=True)  # a plain, safe state dict
@@ -264,6 +265,18 @@ def test_read_texts_is_strict_and_counts_lines_of_multiline_records(tmp_path):
     table.write_text("", encoding="utf-8")
     with pytest.raises(DataError, match="needs a `text` column; its columns are none"):
         read_texts(table)
+
+
+def test_the_model_card_states_the_sentences_used(lstm_study):
+    from vadsearch.data import EMOBANK_SHA256
+    from vadsearch.predict import model_card
+
+    predictor = load_best(lstm_study.load(), device="cpu")
+    # A subset larger than the file is used whole: the card says what was used, not what was asked for.
+    predictor.info.update(data_subset=[800, 100, 100], n_train=60, file_sha256=EMOBANK_SHA256)
+    card = model_card(predictor)
+    assert "subset of its train split (60 sentences), selected on 20 dev sentences and scored once on 20 test" in card
+    assert "CC-BY-SA 4.0: 10k English sentences" in card and "not the published file" not in card
 
 
 def test_sentences_that_are_not_utf8_are_one_line(lstm_study, tmp_path):

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import numpy as np
 
 from vadsearch.config import TrainConfig
+from vadsearch.data import EMOBANK_SHA256
 from vadsearch.errors import CheckpointError, ConfigError, DataError, StorageError, VadsearchError
 
 if TYPE_CHECKING:
@@ -167,7 +168,9 @@ def load_best(study: optuna.Study, *, artifacts: str | Path | None = None, devic
     predictor.info.update({
         "study": study.study_name, "trial": trial.number, "params": dict(trial.params),
         "epochs_done": attrs.get("epochs_done"), "dev": attrs.get("dev"), "test": attrs.get("test"),
-        "data_subset": described.get("data_subset"),
+        "data_subset": described.get("data_subset"), "n_train": attrs.get("n_train"),
+        "file_sha256": described.get("file_sha256") or (None if described.get("data_subset")
+                                                         else described.get("data_sha256")),
     })
     return predictor
 
@@ -317,11 +320,18 @@ def model_card(predictor: Predictor, directory: str | Path = "MODEL_DIR") -> str
         kind = f"The encoder `{config.model_name}`, fine-tuned with a linear head on its [CLS] state,"
     subset = info.get("data_subset")
     if subset:
-        data = (f"Trained on a deterministic subset of its train split ({subset[0]} sentences), selected on "
-                f"{subset[1]} dev sentences and scored once on {subset[2]} test sentences. Data identity "
+        # The sentences used (a split smaller than its subset is used whole), else, for older studies, those asked for.
+        used = [info.get("n_train"), *((info.get(split) or {}).get("n") for split in ("dev", "test"))]
+        n = [u if u is not None else asked for u, asked in zip(used, subset)]
+        data = (f"Trained on a deterministic subset of its train split ({n[0]} sentences), selected on "
+                f"{n[1]} dev sentences and scored once on {n[2]} test sentences. Data identity "
                 "(sha256 of the file's sha256 with the subset's sizes and seed):")
     else:
         data = "Trained on its train split, selected on dev, scored once on test. sha256 of the data file:"
+    corpus = (f"[EmoBank]({EMOBANK_URL}) (Buechel & Hahn, EACL 2017), licensed CC-BY-SA 4.0: 10k English "
+              "sentences rated for V, A and D." if info.get("file_sha256") in (None, EMOBANK_SHA256) else
+              f"A corpus in the format of [EmoBank]({EMOBANK_URL}) (not the published file: sha256 "
+              f"`{info['file_sha256']}`).")
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in sorted(config.relevant().items()))
     epochs = info.get("epochs_done")
     best = f"{info.get('best_epoch')}" + (f" of {epochs}" if epochs else "")
@@ -357,8 +367,7 @@ model.predict(["What a wonderful day."])  # array([[V, A, D]])
 
 ## Data
 
-[EmoBank]({EMOBANK_URL}) (Buechel & Hahn, EACL 2017), licensed CC-BY-SA 4.0: 10k English sentences
-rated for V, A and D. {data}
+{corpus} {data}
 `{info.get('data_sha256')}`.
 
 ## Parameters

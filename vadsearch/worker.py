@@ -658,7 +658,7 @@ class Worker:
         try:
             result = fit(config, self._corpus, run_dir=run_dir, device=self.options.device,
                          on_epoch=on_epoch, progress=self.options.progress)
-            self._record_result(trial, result)
+            self._record_result(trial, result, len(self._corpus.train))
         except optuna.TrialPruned:
             self._outcome.state = "PRUNED"
             raise
@@ -758,8 +758,9 @@ class Worker:
         return self._identity({p.name: fixed_params[p.name] for p in self.spec.space})
 
     @staticmethod
-    def _record_result(trial: optuna.Trial, result) -> None:
+    def _record_result(trial: optuna.Trial, result, n_train: int) -> None:
         set_user_attrs_with_final_state(trial, {
+            "n_train": n_train,  # a subset larger than the file keeps it whole: what the model card says
             "best_epoch": result.best_epoch,
             "epochs_done": len(result.history),
             "dev": result.dev.as_dict(),

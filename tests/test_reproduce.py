@@ -66,6 +66,17 @@ def test_a_missing_studies_directory_is_named(tmp_path):
         reproduce.load_specs(reproduce.ReproduceOptions(studies_dir=tmp_path))
 
 
+def test_an_installed_package_reads_the_studies_of_its_working_directory(tmp_path, monkeypatch):
+    # Installed (the Docker image), the package has no studies/ beside it; the image puts them in its WORKDIR.
+    assert reproduce.default_studies_dir() == REPO / "studies"  # this checkout
+    monkeypatch.setattr(reproduce, "CHECKOUT_STUDIES", tmp_path / "site-packages" / "studies")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "studies").mkdir()
+    for name in reproduce.STUDIES:
+        (tmp_path / "studies" / f"{name}.toml").write_text((REPO / "studies" / f"{name}.toml").read_text())
+    assert [s.name for s in reproduce.load_specs(reproduce.ReproduceOptions())] == list(reproduce.STUDIES)
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"out": Path("/proc/results")}, "cannot write to the results directory /proc/results"),
     ({"device": "gpu"}, "unknown device 'gpu'"),

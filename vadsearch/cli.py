@@ -842,8 +842,9 @@ def reproduce(
         typer.Option("--carry-best/--as-written", help="bert-cased and bert-freeze take the BERT grid's best batch "
                                                        "size and lr (as the report did), or the files' values."),
     ] = True,
-    studies_dir: Annotated[Path, typer.Option("--studies", help="Directory of the shipped study files.")]
-    = Path(__file__).resolve().parents[1] / "studies",
+    studies_dir: Annotated[Optional[Path], typer.Option(
+        "--studies", help="Directory of the shipped study files. Default: studies/ of the checkout vadsearch runs "
+                          "from, else studies/ here (as in the Docker image).")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Run the report's studies, resuming what is done; write the comparison table and freezing figure.

@@ -42,7 +42,13 @@ QUICK_TRAIN = {
     "bert": {"max_epochs": 1, "batch_size": 32, "max_length": 64},
 }
 QUICK_EPOCHS = {FREEZE_STUDY: 2}  # the freezing figure needs curves, not points
-DEFAULT_STUDIES_DIR = Path(__file__).resolve().parents[1] / "studies"
+CHECKOUT_STUDIES = Path(__file__).resolve().parents[1] / "studies"
+
+
+def default_studies_dir() -> Path:
+    """The shipped study files: beside the package in a source checkout; an installed package (the Docker
+    image) has none there, so `studies/` in the working directory, where the image puts them."""
+    return CHECKOUT_STUDIES if CHECKOUT_STUDIES.is_dir() else Path("studies")
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,8 @@ class ReproduceOptions:
     model_name: str | None = None
     """The encoder of every BERT study; None: the files' own (quick: bert-base-uncased)."""
     carry_best: bool = True
-    studies_dir: Path = DEFAULT_STUDIES_DIR
+    studies_dir: Path | None = None
+    """None: `default_studies_dir()`."""
     keep: str = "best"
     progress: bool = True
 
@@ -72,8 +79,9 @@ class ReproduceResult:
 def load_specs(options: ReproduceOptions) -> list[StudySpec]:
     """The report's studies as they will run (before the BERT winner is carried over)."""
     specs = []
+    directory = options.studies_dir or default_studies_dir()
     for name in STUDIES:
-        path = options.studies_dir / f"{name}.toml"
+        path = directory / f"{name}.toml"
         if not path.is_file():
             raise StudyFileError(f"{path}: missing; reproduce needs the shipped studies/ (pass --studies DIR)")
         spec = load_study_file(path)

@@ -568,6 +568,9 @@ def report(
 ) -> None:
     """Leaderboard of a study by dev score, then the best trial's parameters and its test score.
 
+    --format csv or json prints the leaderboard alone, one record per trial (`vadsearch best` gives the
+    winner with its test score).
+
     Examples:
 
       vadsearch report quickstart --format markdown

@@ -112,3 +112,21 @@ def test_plot_cli_errors_are_one_line(lstm_study, tmp_path, args, message):
     result = runner.invoke(app, ["plot", lstm_study.name, "--storage", lstm_study.storage, "--out", str(tmp_path),
                                  *args])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_curves_of_a_study_with_nothing_to_draw(tmp_path):
+    # Said as `report` says it (exit 3: none yet), and no empty --out directory left behind.
+    import optuna
+
+    from vadsearch.storage import open_storage
+
+    url = f"sqlite:///{tmp_path}/e.db"
+    for name, model in (("fresh", "lstm"), ("constant", "baseline")):
+        study = optuna.create_study(study_name=name, storage=open_storage(url))
+        study.set_user_attr("vadsearch", {"name": name, "sampler": "grid", "max_trials": 1, "base": {"model": model}})
+    optuna.load_study(study_name="fresh", storage=open_storage(url)).ask()
+    for name, code, line in (("fresh", 3, "error: no finished trial in study 'fresh' yet (1 running)"),
+                             ("constant", 2, "error: study 'constant' is the constant baseline: it trains no epochs")):
+        result = runner.invoke(app, ["plot", name, "--kind", "curves", "--storage", url, "--out", str(tmp_path / name)])
+        assert result.exit_code == code and result.stderr.startswith(line), result.output
+        assert not (tmp_path / name).exists()

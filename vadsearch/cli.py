@@ -721,11 +721,18 @@ def plot(
     from vadsearch.outdir import writable_dir
 
     loaded = reports.load(_open(storage), _study_name(study))
+    made = not out.exists()
     writable_dir(out, "the figure directory", advice="pass another --out")  # before the figure is made
     if kind == "curves" and group_by is None:
         group_by = plots.default_group(loaded)
-    figure = plots.figure(loaded, kind, group_by=None if group_by == "trial" else group_by, split=split,
-                          artifacts=artifacts, data=data, device=device)
+    try:
+        figure = plots.figure(loaded, kind, group_by=None if group_by == "trial" else group_by, split=split,
+                              artifacts=artifacts, data=data, device=device)
+    except Exception:
+        if made:  # no figure: no empty directory left behind either
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     for path in figure.save(out):
         typer.echo(str(path))
 

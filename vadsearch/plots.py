@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vadsearch.errors import ConfigError
+from vadsearch.errors import ConfigError, StorageError
 
 if TYPE_CHECKING:
     import matplotlib.figure
@@ -83,7 +83,12 @@ def curve_lines(study: optuna.Study, group_by: str | None = None) -> list[tuple[
                                                                    TrialState.RUNNING))
               if t.intermediate_values and not t.user_attrs.get("orphan")]
     if not trials:
-        raise ConfigError(f"study {study.study_name!r} has no trial with per-epoch dev scores yet")
+        if (study.user_attrs.get("vadsearch") or {}).get("base", {}).get("model") == "baseline":
+            raise ConfigError(f"study {study.study_name!r} is the constant baseline: it trains no epochs to draw")
+        from vadsearch.report import require_complete
+
+        require_complete(study)  # as `report` says it: none yet (exit 3), or every trial failed (exit 5)
+        raise StorageError(f"study {study.study_name!r} has no trial with per-epoch dev scores yet")
     trials.sort(key=lambda t: t.number)
     if group_by is None:
         chosen = [(f"trial {t.number}", t) for t in trials]

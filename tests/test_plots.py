@@ -107,6 +107,8 @@ def test_plot_cli_writes_both_files(lstm_study, tmp_path):
     (["--kind", "pie"], "unknown plot kind 'pie'"),
     (["--group-by", "colour"], "no trial of 'tiny-lstm' has a parameter 'colour'; choose one of"),
     (["--kind", "scatter", "--split", "train"], "--split must be dev or test"),
+    (["--kind", "history", "--split", "test"], "--split is read by --kind scatter only, not by --kind history"),
+    (["--kind", "slice", "--group-by", "lr"], "--group-by is read by --kind curves only, not by --kind slice"),
 ])
 def test_plot_cli_errors_are_one_line(lstm_study, tmp_path, args, message):
     result = runner.invoke(app, ["plot", lstm_study.name, "--storage", lstm_study.storage, "--out", str(tmp_path),

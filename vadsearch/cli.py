@@ -695,8 +695,10 @@ def plot(
         typer.Option(help="curves: one line per value of this parameter (its best trial); `trial`: one line per "
                           "trial. Default: the study's only searched parameter, else one line per trial."),
     ] = None,
-    split: Annotated[str, typer.Option(help="scatter: dev, or test (keep test for the final report).")] = "dev",
-    out: Annotated[Path, typer.Option(help="Directory for STUDY-KIND.png and STUDY-KIND.html.")] = Path("plots"),
+    split: Annotated[Optional[str], typer.Option(
+        help="scatter: dev (the default), or test (keep test for the final report).")] = None,
+    out: Annotated[Path, typer.Option(help="Directory for STUDY-KIND.png and STUDY-KIND.html (scatter of test: "
+                                           "STUDY-scatter-test.*).")] = Path("plots"),
     storage: StorageOpt = None,
     artifacts: FindArtifactsOpt = None,
     data: DataOpt = None,
@@ -720,6 +722,11 @@ def plot(
     from vadsearch import report as reports
     from vadsearch.outdir import writable_dir
 
+    # An option another kind reads would be ignored without a word.
+    for given, option, reader in ((group_by, "--group-by", "curves"), (split, "--split", "scatter")):
+        if given is not None and kind != reader:
+            raise ConfigError(f"{option} is read by --kind {reader} only, not by --kind {kind}")
+    split = split or "dev"
     loaded = reports.load(_open(storage), _study_name(study))
     made = not out.exists()
     writable_dir(out, "the figure directory", advice="pass another --out")  # before the figure is made

@@ -165,6 +165,16 @@ def test_best_picks_lowest_dev_and_reports_its_test_only(lstm: optuna.Study) -> 
     assert record["config"]["model"] == "lstm"
 
 
+def test_the_best_baseline_names_no_checkpoint_directory(storage: optuna.storages.RDBStorage,
+                                                          lstm: optuna.Study) -> None:
+    # A baseline keeps no weights: a directory named in `best` was never made, and looked lost.
+    study = make_study(storage, "constant", "baseline", max_trials=1)
+    add_complete(study, {}, dev_mse=0.8, test_mse=0.8, best_epoch=0, config={"model": "baseline", "seed": 0})
+    assert report.best(study)["checkpoint_dir"] is None
+    winner = report.best(lstm)
+    assert winner["checkpoint_dir"] == lstm.trials[winner["trial"]].user_attrs["checkpoint_dir"]
+
+
 def test_best_of_study_without_finished_trial(storage: optuna.storages.RDBStorage) -> None:
     study = make_study(storage, "empty", "bert", max_trials=6)
     study.ask()

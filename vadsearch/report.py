@@ -253,7 +253,9 @@ def best(study: optuna.Study) -> dict[str, Any]:
         "dev": attrs.get("dev"),
         "test": attrs.get("test"),
         "config": attrs.get("config"),
-        "checkpoint_dir": attrs.get("checkpoint_dir"),
+        # A baseline keeps no weights: its run directory is named, never made.
+        "checkpoint_dir": None if (attrs.get("config") or {}).get("model") == "baseline"
+        else attrs.get("checkpoint_dir"),
     }
 
 

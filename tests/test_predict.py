@@ -176,6 +176,17 @@ def test_one_line_errors(lstm_study, tmp_path):
     assert result.exit_code == 4 and "no best weights" in result.output and "Traceback" not in result.output
 
 
+def test_a_relative_run_directory_missing_here_says_where_to_run(tmp_path, monkeypatch):
+    # A worker stores its run directory relative to where it ran; read from elsewhere, the weights looked deleted.
+    from vadsearch.errors import CheckpointError
+    from vadsearch.predict import load_run
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"no run directory vadsearch-artifacts/s/0123 here \(.+\): run from "
+                                              r"the directory the workers ran in, or pass --artifacts DIR"):
+        load_run(Path("vadsearch-artifacts/s/0123"), "cpu")
+
+
 def test_the_artifacts_option_finds_moved_checkpoints(lstm_study, tmp_path):
     import shutil
 

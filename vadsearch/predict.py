@@ -96,6 +96,11 @@ def load_run(run_dir: str | Path, device: str = "auto", *, epoch: int | None = N
         best = run.best(epoch)
     except Exception as exc:  # a torn or foreign file: anything unpicklable
         raise CheckpointError(f"cannot read the best weights in {run.path}: {type(exc).__name__}") from None
+    if best is None and not run.path.exists() and not run.path.is_absolute():
+        # Most often the command runs elsewhere than the worker did: the stored path is relative to it.
+        raise CheckpointError(
+            f"no run directory {run.path} here ({Path.cwd()}): run from the directory the workers ran in, or "
+            "pass --artifacts DIR (theirs)")
     if best is None:
         raise CheckpointError(
             f"no best weights (best-*.pt) in {run.path}: the run was deleted, or `--keep study-best` removed "

@@ -295,6 +295,27 @@ def test_no_download_when_disallowed(clean_env: Path) -> None:
         resolve_data_path(download=False)
 
 
+def test_a_cached_file_that_is_not_emobank_is_refused(clean_env: Path) -> None:
+    # Only a download was checked: a file put in the cache by hand passed for EmoBank.
+    clean_env.mkdir()
+    write_csv(clean_env / "emobank.csv", GOOD_ROWS)
+    with pytest.raises(DataError, match=r"emobank.csv is not the published EmoBank file \(sha256 [0-9a-f]{12}…\): "
+                                        "delete it to download EmoBank again, or pass your own file with --data"):
+        load_emobank()
+    assert len(load_emobank(clean_env / "emobank.csv").train)  # named by the user: theirs to use
+
+
+def test_paths_that_cannot_be_read_are_one_line(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="fifo.csv is not a regular file, not a CSV file"):
+        load_emobank(fifo)  # was read for ever
+    with pytest.raises(DataError, match="cannot read .*: File name too long"):
+        load_emobank(tmp_path / ("x" * 300))  # was an OSError from pathlib
+
+
 def test_missing_explicit_path_is_named(clean_env: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"gone\.csv does not exist"):
         resolve_data_path(tmp_path / "gone.csv")

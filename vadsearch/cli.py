@@ -67,7 +67,9 @@ def _root() -> None:
 # Options shared by several commands.
 DataOpt = Annotated[
     Optional[Path],
-    typer.Option("--data", help="EmoBank-format CSV. Default: $VADSEARCH_DATA, the cache, then a verified download."),
+    # readable=False: Click's own check printed a boxed usage error; vadsearch says why in one line.
+    typer.Option("--data", help="EmoBank-format CSV. Default: $VADSEARCH_DATA, the cache, then a verified download.",
+                 readable=False),
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; warnings and results only.")]
@@ -267,7 +269,7 @@ def _study_name(study: str) -> str:
 
 @app.command()
 def worker(
-    study_file: Annotated[Path, typer.Argument(help="A study file, e.g. studies/quickstart.toml.")],
+    study_file: Annotated[Path, typer.Argument(help="A study file, e.g. studies/quickstart.toml.", readable=False)],
     storage: StorageOpt = None,
     n_trials: Annotated[Optional[int], typer.Option(help="Run at most N trials, then stop.")] = None,
     timeout: Annotated[Optional[float], typer.Option(help="Start no new trial after this many seconds.")] = None,
@@ -328,7 +330,7 @@ def worker(
 
 @app.command()
 def launch(
-    study_file: Annotated[Path, typer.Argument(help="A study file, e.g. studies/lstm.toml.")],
+    study_file: Annotated[Path, typer.Argument(help="A study file, e.g. studies/lstm.toml.", readable=False)],
     workers: Annotated[int, typer.Option(help="Worker processes to start on this machine.")] = 2,
     gpus: Annotated[Optional[str], typer.Option(
         help="GPU indices to spread the workers over, e.g. 0,1; counted among the GPUs this process sees "
@@ -776,7 +778,8 @@ def predict(
     texts: Annotated[Optional[list[str]], typer.Argument(help="Sentences to rate.")] = None,
     file: Annotated[
         Optional[Path],
-        typer.Option("--file", help="One sentence per line, or a .csv with a `text` column; - is stdin."),
+        typer.Option("--file", help="One sentence per line, or a .csv with a `text` column; - is stdin.",
+                     readable=False),
     ] = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table, markdown, csv or json.")] = "table",
     batch_size: Annotated[Optional[int], typer.Option(help="Sentences per batch. Default: the run's eval batch.")]

@@ -157,12 +157,12 @@ def resolve_data_path(path: str | Path | None = None, *, download: bool = True) 
     """
     if path is not None:
         explicit = user_path(path, "data file")
-        if not explicit.exists():
+        if not _exists(explicit):
             raise DataError(f"data file {explicit} does not exist; check --data, or the study file's [data] path")
         return explicit
     if os.environ.get("VADSEARCH_DATA"):
         from_env = user_path(os.environ["VADSEARCH_DATA"], "VADSEARCH_DATA")
-        if not from_env.exists():
+        if not _exists(from_env):
             raise DataError(
                 f"VADSEARCH_DATA points to {from_env}, which does not exist; fix or unset the variable"
             )
@@ -179,6 +179,15 @@ def resolve_data_path(path: str | Path | None = None, *, download: bool = True) 
     return download_emobank(cached, url=EMOBANK_URL, sha256=EMOBANK_SHA256)
 
 
+def _exists(path: Path) -> bool:
+    """Whether `path` exists; a path that cannot even be looked at (a directory without permission on the
+    way, a name too long) is one line, not an OSError from deep in pathlib."""
+    try:
+        return path.exists()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
 def load_corpus(path: str | Path) -> Corpus:
     """Parse and validate one EmoBank-format CSV file."""
     path = Path(path)
@@ -188,8 +197,13 @@ def load_corpus(path: str | Path) -> Corpus:
 
 
 def load_emobank(path: str | Path | None = None, *, download: bool = True) -> Corpus:
-    """Find (or download) the corpus and load it; see `resolve_data_path` for the search order."""
-    return load_corpus(resolve_data_path(path, download=download))
+    """Find (or download) the corpus and load it; see `resolve_data_path` for the search order. The
+    cached copy is checked as a download is: a file put there by hand must not pass for EmoBank."""
+    corpus = load_corpus(resolve_data_path(path, download=download))
+    if path is None and not os.environ.get("VADSEARCH_DATA") and corpus.sha256 != EMOBANK_SHA256:
+        raise DataError(f"{corpus.path} is not the published EmoBank file (sha256 {corpus.sha256[:12]}…): delete "
+                        "it to download EmoBank again, or pass your own file with --data")
+    return corpus
 
 
 def file_sha256(path: str | Path) -> str:
@@ -217,8 +231,8 @@ def download_emobank(dest: Path, url: str = EMOBANK_URL, sha256: str = EMOBANK_S
 
 def _read_bytes(path: Path) -> bytes:
     """The file's bytes, or a DataError that says why they cannot be read."""
-    if path.is_dir():
-        raise DataError(f"{path} is a directory, not a CSV file")
+    if _exists(path) and not path.is_file():  # a FIFO or a device would be read for ever
+        raise DataError(f"{path} is {'a directory' if path.is_dir() else 'not a regular file'}, not a CSV file")
     try:
         return path.read_bytes()
     except FileNotFoundError as e:

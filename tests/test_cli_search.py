@@ -71,6 +71,26 @@ def test_every_format_ends_in_one_line_end(finished, command, fmt):
         assert all(csv.reader(io.StringIO(out)))
 
 
+def test_a_relative_data_path_is_stored_whole_and_a_bad_set_is_named(tmp_path, tiny_csv, monkeypatch):
+    import shutil
+
+    import optuna
+
+    (tmp_path / "run").mkdir()
+    shutil.copy(tiny_csv, tmp_path / "tiny.csv")
+    monkeypatch.chdir(tmp_path / "run")
+    write_study(tmp_path / "run" / "r.toml", name="r", data=tiny_csv, search="hidden_size = [4, 8]")
+    result = invoke("worker", "r.toml", "--data", "../tiny.csv", "--n-trials", "0", "-q")
+    assert result.exit_code == 0, result.output
+    stored = optuna.load_study(study_name="r", storage="sqlite:///vadsearch.db").user_attrs["vadsearch"]
+    assert stored["data_path"] == str(tmp_path / "tiny.csv")  # as typed, it was read from the wrong directory later
+
+    # The file is sound: the override is what makes the points one run, and the line says so.
+    refused = invoke("worker", "r.toml", "--set", "model=baseline")
+    assert refused.exit_code == 2
+    assert refused.stderr.strip().endswith("fix it in [train] or drop it (with --set model=baseline)")
+
+
 def test_status_counts_a_pruned_trial_as_done(tmp_path, monkeypatch):
     import optuna
 

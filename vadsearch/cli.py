@@ -252,10 +252,18 @@ def _parse_sets(items: list[str] | None) -> dict:
 def _load_spec(study_file: Path, data: Path | None, sets: list[str] | None):
     from vadsearch.studyfile import load_study_file
 
+    from vadsearch.data import user_path
+    from vadsearch.errors import StudyFileError
+
     spec = load_study_file(study_file)
     overrides = _parse_sets(sets)
+    # Stored with the study as an absolute path, as a file's [data] path is: read from any directory later.
+    data = None if data is None else user_path(data, "data file").resolve()
     if data is not None or overrides:
-        spec = spec.with_overrides(data_path=data, train=overrides or None)
+        try:
+            spec = spec.with_overrides(data_path=data, train=overrides or None)
+        except StudyFileError as exc:  # the file is sound: the override made it so
+            raise StudyFileError(f"{exc} (with {' '.join(f'--set {item}' for item in sets or [])})") from None
     return spec
 
 

@@ -141,19 +141,27 @@ class TrainConfig:
             if self.model == "lstm" and self.embedding == "internal":
                 keep -= {"vectors", "freeze_embeddings"}
         values = {k: v for k, v in self.to_dict().items() if k in keep}
-        # Read here as their defaults, they no longer tell runs apart, and a run at the defaults keeps
-        # the fingerprint it always had: the evaluation batch (speed, not scores), warm-up under a constant
-        # learning rate, the width of embeddings taken from a vector file. (A baseline keeps its seed: it
-        # changes no score, but names a repetition, and N seeds are N instant trials to test a service by.)
+        unused = self._read_as_defaults()
+        return {k: _DEFAULTS[k] if k in unused else v for k, v in values.items()}
+
+    def _read_as_defaults(self) -> set[str]:
+        """Read as their defaults by `relevant`, they no longer tell runs apart, and a run at the defaults
+        keeps the fingerprint it always had: the evaluation batch (speed, not scores), warm-up under a
+        constant learning rate, the width of embeddings taken from a vector file. (A baseline keeps its seed:
+        it changes no score, but names a repetition, and N seeds are N instant trials to test a service by.)"""
         unused = {"eval_batch_size"}
         unused |= {"warmup_ratio"} if self.schedule == "constant" else set()
         unused |= {"embedding_dim"} if self.model == "lstm" and self.embedding == "external" else set()
-        return {k: _DEFAULTS[k] if k in unused else v for k, v in values.items()}
+        return unused
+
+    def decisive(self) -> set[str]:
+        """The options whose value changes this run (its epoch budget included)."""
+        return set(self.relevant()) - self._read_as_defaults()
 
     def unused(self, given: dict[str, Any]) -> list[str]:
-        """The options of `given` that change nothing in this run (`relevant` drops or resets them)."""
-        relevant = self.relevant()
-        return [k for k in given if k not in relevant or relevant[k] != getattr(self, k)]
+        """The options of `given` that change nothing in this run."""
+        decisive = self.decisive()
+        return [k for k in given if k not in decisive]
 
     def fingerprint(self) -> str:
         """Stable hash of `relevant()`: a checkpoint is resumed only under the same fingerprint.

@@ -270,6 +270,14 @@ class StudySpec:
         switches = {p.name: p.choices for p in self.space if p.name in SWITCHES and p.name != leaving_out}
         return [dict(zip(switches, values)) for values in itertools.product(*switches.values())]
 
+    def decisive_options(self) -> set[str]:
+        """The options that change some run of the study, under some combination of its switches."""
+        found: set[str] = set()
+        for combination in self._switch_combinations():
+            if _is_valid({**self.base.to_dict(), **combination}):
+                found |= self.config_for(combination).decisive()
+        return found
+
     def canonical(self, params: dict[str, Any]) -> dict[str, Any]:
         """`params` with each axis that changes nothing at this point (warm-up under a constant learning
         rate) set to its first value or low end: configurations that are one training run read the same,

@@ -310,8 +310,8 @@ def _changes(stored: dict[str, Any], ours: dict[str, Any], shown: int = 3) -> li
     """What decides the trials and differs between a study's stored description and a study file's, in
     words. The epoch budget counts: a finished trial is not trained further under a larger max_epochs
     (its epoch checkpoints are gone under the default --keep), and a leaderboard must not mix budgets.
-    Free text, the file's path, the trial count, the axes' order and the evaluation batch (speed, not
-    scores) may change."""
+    Free text, the file's path, the trial count, the axes' order and options that change no run (the
+    evaluation batch, a baseline's hidden_size) may change."""
     found = []
     if stored.get("sampler") != ours.get("sampler"):
         found.append(f"sampler was {stored.get('sampler')!r}, now {ours.get('sampler')!r}")
@@ -324,10 +324,23 @@ def _changes(stored: dict[str, Any], ours: dict[str, Any], shown: int = 3) -> li
         if was != now:
             found.append(f"[search] {name} {'is new' if was is None else 'is gone' if now is None else 'differs'}")
     bases = [d.get("base") or {} for d in (stored, ours)]
-    for key in sorted((bases[0].keys() | bases[1].keys()) - {"eval_batch_size"}):
+    decisive = _decisive(stored, ours)
+    for key in sorted((bases[0].keys() | bases[1].keys()) & decisive):
         if bases[0].get(key) != bases[1].get(key):
             found.append(f"[train] {key} was {bases[0].get(key)!r}, now {bases[1].get(key)!r}")
     return found[:shown] + ([f"{len(found) - shown} more"] if len(found) > shown else [])
+
+
+def _decisive(*descriptions: dict[str, Any]) -> set[str]:
+    """The [train] options that change some run of either study: one that changes none (a baseline's
+    hidden_size, warm-up under a constant schedule, the evaluation batch) may differ."""
+    found: set[str] = set()
+    for description in descriptions:
+        try:
+            found |= StudySpec.from_dict(description).decisive_options()
+        except Exception:  # a description this version cannot read: every option counts
+            found |= set(description.get("base") or {}) - {"eval_batch_size"}
+    return found
 
 
 def _pruner(pruner: dict[str, Any] | None) -> str:

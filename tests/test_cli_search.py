@@ -180,10 +180,10 @@ def test_status_calls_a_trial_silent_past_the_grace_period_stale(finished):
     import sqlalchemy as sa
     from optuna.storages._rdb import models
 
-    from vadsearch.report import STALE_AFTER_S
+    from vadsearch.storage import GRACE_PERIOD_S
     from vadsearch.worker import WorkerOptions
 
-    assert STALE_AFTER_S == WorkerOptions.grace_period  # the default a worker takes a trial for dead after
+    assert GRACE_PERIOD_S == WorkerOptions.grace_period  # the default a worker takes a trial for dead after
     storage = optuna.storages.RDBStorage("sqlite:///vadsearch.db")
     study = optuna.load_study(study_name="tiny", storage=storage)
     running = study.ask()

@@ -18,6 +18,7 @@ import typer
 from typer.core import TyperGroup
 
 from vadsearch.errors import ConfigError, VadsearchError
+from vadsearch.storage import GRACE_PERIOD_S  # a constant; the module imports nothing heavy
 
 
 class _Group(TyperGroup):
@@ -286,7 +287,8 @@ def worker(
     device: DeviceOpt = "auto",
     sets: SetOpt = None,
     heartbeat_interval: Annotated[int, typer.Option(help="Seconds between a running trial's heartbeats.")] = 10,
-    grace_period: Annotated[int, typer.Option(help="Seconds without heartbeat before a trial counts as dead.")] = 60,
+    grace_period: Annotated[int, typer.Option(help="Seconds without heartbeat before a trial counts as dead.")]
+    = GRACE_PERIOD_S,
     db_timeout: Annotated[
         float, typer.Option(help="Seconds to wait out an unreachable database before exiting (trial stays resumable).")
     ] = 600.0,

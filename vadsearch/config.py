@@ -163,6 +163,11 @@ class TrainConfig:
         decisive = self.decisive()
         return [k for k in given if k not in decisive]
 
+    def out_of_patience(self, epoch: int, best_epoch: int) -> bool:
+        """Whether a run whose best dev score so far came at `best_epoch` stops after `epoch`: `patience`
+        epochs without improvement (0: never)."""
+        return 0 < self.patience <= epoch - best_epoch
+
     def fingerprint(self) -> str:
         """Stable hash of `relevant()`: a checkpoint is resumed only under the same fingerprint.
 

@@ -179,6 +179,15 @@ def resolve_data_path(path: str | Path | None = None, *, download: bool = True) 
     return download_emobank(cached, url=EMOBANK_URL, sha256=EMOBANK_SHA256)
 
 
+def described_file_sha256(description: dict) -> str | None:
+    """The checksum of the data file a study ran on, from its stored description: for a subset its
+    `file_sha256` (`data_sha256` keys the subset; studies stored before it was kept have none: None),
+    else its `data_sha256`."""
+    if description.get("data_subset"):
+        return description.get("file_sha256")
+    return description.get("file_sha256") or description.get("data_sha256")
+
+
 def _exists(path: Path) -> bool:
     """Whether `path` exists; a path that cannot even be looked at (a directory without permission on the
     way, a name too long) is one line, not an OSError from deep in pathlib."""

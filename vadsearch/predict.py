@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import numpy as np
 
 from vadsearch.config import TrainConfig
-from vadsearch.data import EMOBANK_SHA256
+from vadsearch.data import EMOBANK_SHA256, described_file_sha256
 from vadsearch.errors import CheckpointError, ConfigError, DataError, StorageError, VadsearchError
 
 if TYPE_CHECKING:
@@ -174,8 +174,7 @@ def load_best(study: optuna.Study, *, artifacts: str | Path | None = None, devic
         "study": study.study_name, "trial": trial.number, "params": dict(trial.params),
         "epochs_done": attrs.get("epochs_done"), "dev": attrs.get("dev"), "test": attrs.get("test"),
         "data_subset": described.get("data_subset"), "n_train": attrs.get("n_train"),
-        "file_sha256": described.get("file_sha256") or (None if described.get("data_subset")
-                                                         else described.get("data_sha256")),
+        "file_sha256": described_file_sha256(described),
     })
     return predictor
 

@@ -30,6 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from vadsearch import failures
 from vadsearch.errors import ConfigError, StorageError, TrainingError
+from vadsearch.storage import GRACE_PERIOD_S
 
 log = logging.getLogger(__name__)
 
@@ -306,10 +307,10 @@ def _scored_on(spec: Mapping[str, Any], winner: FrozenTrial) -> tuple:
     """What decides the dev and test sentences: for a subset its seed and the file it was drawn from (its
     own checksum also covers the training size, which the dev and test sentences do not depend on), else
     the file; and how many sentences the best trial was scored on."""
-    if spec.get("data_subset"):
-        data = ("subset", spec.get("seed", 0), spec.get("file_sha256"))
-    else:
-        data = ("file", 0, spec.get("data_sha256"))
+    from vadsearch.data import described_file_sha256
+
+    data = ("subset", spec.get("seed", 0)) if spec.get("data_subset") else ("file", 0)
+    data += (described_file_sha256(spec),)
     sizes = tuple((winner.user_attrs.get(split) or {}).get("n") for split in ("dev", "test"))
     return (*data, *sizes)
 
@@ -374,14 +375,11 @@ def gpu_peaks(trials: list[optuna.trial.FrozenTrial]) -> list[float]:
             if t.state == TrialState.COMPLETE and t.user_attrs.get("peak_gpu_mib")]
 
 
-STALE_AFTER_S = 60  # a worker's default --grace-period
-
-
 def _stale(heartbeat_age: float | None, trial: FrozenTrial, now: datetime.datetime) -> bool:
     # A trial that never sent a heartbeat is judged by its start, as workers judge it (`reconnect`).
     if heartbeat_age is None and trial.datetime_start is not None:
         heartbeat_age = (now - trial.datetime_start).total_seconds()
-    return heartbeat_age is not None and heartbeat_age > STALE_AFTER_S
+    return heartbeat_age is not None and heartbeat_age > GRACE_PERIOD_S
 
 
 def _heartbeat_ages(storage: optuna.storages.BaseStorage) -> dict[tuple[str, int], float]:

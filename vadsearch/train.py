@@ -131,17 +131,13 @@ def _bar(items, enabled: bool, desc: str):
     return tqdm(items, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None)
 
 
-def _patience_exhausted(history: list[EpochResult], best_epoch: int, patience: int) -> bool:
-    return patience > 0 and len(history) - best_epoch >= patience
-
-
 def _epochs_to_keep(history: list[dict[str, Any]], config: TrainConfig) -> int:
     """How many of a checkpoint's epochs a run of `config` trains before it ends: `max_epochs` and
     `patience` are not in the fingerprint, so the checkpoint may come from a run allowed more of either."""
     best = 0
     for h in history[: config.max_epochs]:
         best = h["epoch"] if h["best"] else best
-        if config.patience > 0 and h["epoch"] - best >= config.patience:
+        if config.out_of_patience(h["epoch"], best):
             return h["epoch"]
     return min(len(history), config.max_epochs)
 
@@ -185,7 +181,7 @@ class _Run:
         }
 
     def stopped_early(self) -> bool:
-        return _patience_exhausted(self.history, self.best_epoch, self.config.patience)
+        return self.config.out_of_patience(len(self.history), self.best_epoch)
 
 
 def _epochs(run: _Run, writer: BackgroundWriter | None, on_epoch: EpochCallback | None, progress: bool) -> bool:

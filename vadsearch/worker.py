@@ -37,6 +37,7 @@ from vadsearch import failures, interrupts
 from vadsearch.errors import CheckpointError, GpuMemoryError, MachineFault, StudyFileError, TrainingError
 from vadsearch.fit import fit
 from vadsearch.storage import (
+    GRACE_PERIOD_S,
     mask,
     open_storage,
     set_user_attrs,
@@ -78,7 +79,7 @@ class WorkerOptions:
     timeout: float | None = None
     """Seconds after which this worker starts no new trial."""
     heartbeat_interval: int = 10
-    grace_period: int = 60
+    grace_period: int = GRACE_PERIOD_S
     """A RUNNING trial whose heartbeat is older than this is stale: its worker is taken for dead."""
     max_stale_retries: int = 10
     db_outage_limit: float = 600.0
@@ -208,14 +209,14 @@ def _completed(point: _Point, trials) -> bool:
 
 
 def open_study(
-    spec: StudySpec, storage: optuna.storages.RDBStorage, max_stale_retries: int, corpus: Corpus,
-    sampler: optuna.samplers.BaseSampler | None = None,
+    spec: StudySpec, storage: optuna.storages.RDBStorage, max_stale_retries: int, corpus: Corpus
 ) -> optuna.Study:
-    """Create the study or join it; refuse to join one whose search space or data differ from ours."""
+    """Create the study or join it; refuse to join one whose search space or data differ from ours. Its
+    sampler is seeded by the study's seed alone: a worker sets its own stream (`join_turn`)."""
     import optuna
 
     description = _description(spec, corpus)
-    sampler = sampler or spec.make_sampler()
+    sampler = spec.make_sampler()
     with study_lock(storage, spec.name):
         try:
             study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler,
@@ -356,8 +357,9 @@ def _other_data(stored: dict[str, Any], ours: dict[str, Any]) -> str:
         said = ["the whole file" if subset is None else f"subset {'/'.join(map(str, subset))} drawn with seed {seed}"
                 for subset, seed in subsets]
         return f"other sentences ({said[0]}; this file: {said[1]}): use the original [data] subset and [study] seed"
-    # A subset's data_sha256 is the subset's key; its file's checksum is stored beside it (by newer workers).
-    file = stored.get("file_sha256") or (None if subsets[0][0] else stored.get("data_sha256"))
+    from vadsearch.data import described_file_sha256
+
+    file = described_file_sha256(stored)
     checksum = f" (sha256 {file[:12]})" if file else ""
     return f"another data file{checksum}: pass the same --data or [data] path"
 
@@ -664,7 +666,7 @@ class Worker:
             # a pruner such as Hyperband records its rungs as it is asked, epoch by epoch.
             # A run that ends with this epoch (its budget, or its patience, is spent) has done its work: it
             # is scored, best epoch and test split, rather than pruned on its last dev score.
-            last = epoch.epoch == config.max_epochs or 0 < config.patience <= epoch.epoch - best
+            last = epoch.epoch == config.max_epochs or config.out_of_patience(epoch.epoch, best)
             if not last and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch.epoch} (dev {epoch.dev.mse:.4f})")
 

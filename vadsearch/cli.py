@@ -190,7 +190,7 @@ def train(
       vadsearch train --model baseline --baseline mean
     """
     _setup_logging(quiet or as_json)
-    from vadsearch.config import SWITCHES, TrainConfig
+    from vadsearch.config import TrainConfig
     from vadsearch.data import load_emobank
     from vadsearch.fit import fit as run
 
@@ -200,8 +200,7 @@ def train(
     if unused:
         logging.getLogger("vadsearch").warning(
             "%s change%s nothing in this run (%s): ignored", ", ".join("--" + k.replace("_", "-") for k in unused),
-            "s" if len(unused) == 1 else "", ", ".join(f"{k} {getattr(config, k)}" for k in SWITCHES
-                                                        if getattr(config, k) is not None and k in config.relevant()))
+            "s" if len(unused) == 1 else "", config.kind())
     corpus = load_emobank(data)
 
     def show(epoch) -> None:

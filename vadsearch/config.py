@@ -158,6 +158,12 @@ class TrainConfig:
         """The options whose value changes this run (its epoch budget included)."""
         return set(self.relevant()) - self._read_as_defaults()
 
+    def kind(self) -> str:
+        """The options that decide which others matter, as they are here: "model lstm, embedding internal,
+        schedule constant"."""
+        relevant = self.relevant()
+        return ", ".join(f"{k} {getattr(self, k)}" for k in SWITCHES if k in relevant)
+
     def unused(self, given: dict[str, Any]) -> list[str]:
         """The options of `given` that change nothing in this run."""
         decisive = self.decisive()

@@ -350,8 +350,7 @@ def status(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
                 {
                     "number": t.number,
                     "worker": t.user_attrs.get("worker"),
-                    # a running trial's epochs are its reported steps (set as an attribute at the end only)
-                    "epochs_done": t.user_attrs.get("epochs_done", max(t.intermediate_values, default=0)),
+                    "epochs_done": _so_far(t)[0] or 0,
                     "max_epochs": _max_epochs(t, spec),
                     "running_s": (now - t.datetime_start).total_seconds() if t.datetime_start else None,
                     "heartbeat_age_s": ages.get((name, t.number)),

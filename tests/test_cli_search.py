@@ -101,6 +101,9 @@ def test_status_counts_a_pruned_trial_as_done(tmp_path, monkeypatch):
         study.add_trial(optuna.create_trial(state=optuna.trial.TrialState[state], value=0.1 if state == "COMPLETE"
                                             else None, intermediate_values={1: 0.2}))
     assert "p (lstm, tpe): 3/3 trials done (1 complete, 2 pruned), 0 running" in invoke("status").output
+    # The budget lowered below what already ran (a later worker's file says max_trials = 2).
+    study.set_user_attr("vadsearch", {**study.user_attrs["vadsearch"], "max_trials": 2})
+    assert "p (lstm, tpe): 3 trials done, beyond max_trials = 2 (1 complete, 2 pruned)" in invoke("status").output
 
 
 def test_status_and_compare(finished):
@@ -316,7 +319,7 @@ def test_output_directories_that_cannot_be_written_are_one_line_before_any_work(
         (["plot", "tiny", "--kind", "history", "--out", "a-file/plots"],
          "error: cannot write to the figure directory a-file/plots: Not a directory; pass another --out"),
         (["launch", "tiny.toml", "--device", "cpu", "--log-dir", "a-file"],
-         "error: cannot write to the log directory a-file: File exists; pass another --log-dir"),
+         "error: the log directory a-file is a file, not a directory; pass another --log-dir"),
     ):
         result = runner.invoke(app, args)
         assert (result.exit_code, result.stderr.strip()) == (4, line), args

@@ -163,6 +163,21 @@ def test_options_that_change_nothing_are_named(runner: CliRunner, tiny_csv: Path
     assert result.exit_code == 0 and "ignored" not in result.stderr, result.stderr
 
 
+def test_an_unusable_checkpoint_dir_is_refused_before_training(runner: CliRunner, tiny_csv: Path,
+                                                               tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    result = runner.invoke(app, ["train", *TINY_LSTM_OPTIONS, "--data", str(tiny_csv), "--max-epochs", "1",
+                                 "--checkpoint-dir", str(tmp_path / "a-file")])
+    assert result.exit_code == 4 and "epoch" not in result.stdout, result.output
+    assert result.stderr == f"error: --checkpoint-dir {tmp_path / 'a-file'} is a file, not a directory; pass a " \
+                            "writable directory\n"
+    # A baseline keeps no checkpoints: the option is named as ignored and no directory appears.
+    result = runner.invoke(app, ["train", "--model", "baseline", "--data", str(tiny_csv),
+                                 "--checkpoint-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0 and "--checkpoint-dir: a baseline" in result.stderr, result.output
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("keep", [True, False])
 def test_ctrl_c_says_whether_the_run_can_resume(tiny_csv: Path, tmp_path: Path, keep: bool) -> None:
     import signal

@@ -126,6 +126,7 @@ class RunDirectory:
         """The newest checkpoint that verifies, with its best weights under `"best_model"`; else None.
         `explain(config)` says how a rejected checkpoint's configuration differs from the one asked for."""
         self.sweep_temporaries()  # a run starts or resumes here: after a kill, if there was one
+        rejected: dict[str, list[str]] = {}  # reason -> files: another run's two files are one warning
         for _, path in self._files("epoch"):
             try:
                 state = _safe_load(path)
@@ -136,10 +137,17 @@ class RunDirectory:
             except Exception as exc:  # torn, truncated or random bytes: anything unpicklable
                 problem = f"unreadable ({type(exc).__name__})"
             if problem is None:
+                self._say_rejected(rejected, f"resuming from {path.name}")
                 return {**state, "best_model": best["model"]}
-            log.warning("checkpoint %s rejected: %s; falling back to an earlier one", path, problem)
+            rejected.setdefault(problem, []).append(path.name)
             self._set_aside(path)
+        self._say_rejected(rejected, "starting over")
         return None
+
+    def _say_rejected(self, rejected: dict[str, list[str]], then: str) -> None:
+        for problem, names in rejected.items():
+            log.warning("checkpoint%s %s in %s rejected: %s; %s", "s" if len(names) > 1 else "", ", ".join(names),
+                        self.path, problem, then)
 
     def sweep_temporaries(self, now: float | None = None) -> list[Path]:
         """Delete what killed writes left: a bert-base checkpoint's temporary file is over a gigabyte.

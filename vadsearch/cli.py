@@ -201,6 +201,16 @@ def train(
         logging.getLogger("vadsearch").warning(
             "%s change%s nothing in this run (%s): ignored", ", ".join("--" + k.replace("_", "-") for k in unused),
             "s" if len(unused) == 1 else "", config.kind())
+    if checkpoint_dir is not None and config.model == "baseline":
+        logging.getLogger("vadsearch").warning("--checkpoint-dir: a baseline trains in one pass and keeps no "
+                                               "checkpoints: ignored")
+        checkpoint_dir = None
+    elif checkpoint_dir is not None:
+        # Checked before the data loads and the first epoch trains, not when its checkpoint is written.
+        from vadsearch.errors import CheckpointError
+        from vadsearch.outdir import writable_dir
+
+        writable_dir(checkpoint_dir, "--checkpoint-dir", CheckpointError, "pass a writable directory")
     corpus = load_emobank(data)
 
     def show(epoch) -> None:
@@ -549,7 +559,10 @@ def status(storage: StorageOpt = None, fmt: FormatOpt = "table") -> None:
         done = row["complete"] + row["pruned"]
         # A grid's count is of configurations: a retried one is several trials (`report --trials`), one done.
         unit = "configurations" if row["sampler"] == "grid" else "trials"
-        typer.echo(f"{row['name']} ({row['model']}, {row['sampler']}): {done}/{row['max_trials']} {unit} done "
+        # max_trials lowered after a run: "9/3 done" reads as a counting error.
+        count = (f"{done}/{row['max_trials']} {unit} done" if done <= row["max_trials"]
+                 else f"{done} {unit} done, beyond max_trials = {row['max_trials']}")
+        typer.echo(f"{row['name']} ({row['model']}, {row['sampler']}): {count} "
                    f"({row['complete']} complete, {row['pruned']} pruned), {row['running']} running, "
                    f"{row['waiting']} waiting, {row['fail']} failed{memory}")
         for t in row["running_trials"]:

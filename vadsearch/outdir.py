@@ -14,6 +14,8 @@ def writable_dir(path: Path, what: str, error: type[VadsearchError] = OutputErro
     path = Path(path)
     probe = path / f".probe-{os.getpid()}"
     try:
+        if path.exists() and not path.is_dir():  # mkdir's own word for it is "File exists"
+            raise error(f"{what} {path} is a file, not a directory; {advice or 'pass another directory'}")
         path.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
         probe.unlink()

@@ -175,6 +175,17 @@ def test_malformed_quoting_is_rejected(tmp_path: Path) -> None:
         load_corpus(path)
 
 
+def test_an_unclosed_quote_names_its_line(tmp_path: Path) -> None:
+    # The rest of the file becomes one field; the csv module's own words name only a size limit.
+    path = tmp_path / "open.csv"
+    rows = [f"r{i},train,3,3,3,sentence number {i} of a long file" for i in range(4000)]
+    rows[2] = rows[2].replace("sentence", '"sentence')
+    path.write_text(",".join(COLUMNS) + "\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"open\.csv, line 4: a field runs on past 131,072 characters; is a quote "
+                                        r"opened on this line and never closed\?"):
+        load_corpus(path)
+
+
 def test_empty_file_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "empty.csv"
     path.write_bytes(b"")

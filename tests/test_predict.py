@@ -273,6 +273,8 @@ def test_read_texts_is_strict_and_counts_lines_of_multiline_records(tmp_path):
     table.write_text('text\n"two\nlines"\n"quoted"junk\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"in\.csv, line 4: malformed CSV \(',' expected after '\"'\)"):
         read_texts(table)
+    table.write_text("id, text\n1,spaced header\n", encoding="utf-8")  # as the training data's header is read
+    assert read_texts(table) == ["spaced header"]
     table.write_text("", encoding="utf-8")
     with pytest.raises(DataError, match="needs a `text` column; its columns are none"):
         read_texts(table)

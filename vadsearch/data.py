@@ -261,7 +261,7 @@ def _decode(raw: bytes, path: Path) -> str:
         ) from e
 
 
-def _records(text: str, path: Path) -> Iterator[tuple[int, list[str]]]:
+def csv_records(text: str, path: Path) -> Iterator[tuple[int, list[str]]]:
     """(first physical line, fields) per CSV record; blank lines are skipped.
 
     The line is where the record starts, which differs from `reader.line_num` (where it ends) when
@@ -276,6 +276,9 @@ def _records(text: str, path: Path) -> Iterator[tuple[int, list[str]]]:
         except StopIteration:
             return
         except csv.Error as e:
+            if "field limit" in str(e):  # the usual cause: the rest of the file read as one quoted field
+                raise DataError(f"{path}, line {start}: a field runs on past {csv.field_size_limit():,} characters; "
+                                "is a quote opened on this line and never closed?") from e
             raise DataError(f"{path}, line {start}: malformed CSV ({e})") from e
         end = reader.line_num
         if fields:
@@ -314,7 +317,7 @@ def _score(value: str, where: str) -> float:
 
 def _parse(text: str, path: Path) -> dict[str, Split]:
     """Validate every row and group them by split, keeping file order."""
-    records = _records(text, path)
+    records = csv_records(text, path)
     first = next(records, None)
     if first is None:
         raise DataError(f"{path} is empty; expected a header {','.join(COLUMNS)} and data rows")

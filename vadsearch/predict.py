@@ -427,8 +427,6 @@ def check_texts(texts: list[str]) -> list[str]:
 
 def read_texts(path: str | Path) -> list[str]:
     """Sentences from a file: a CSV's `text` column (`.csv`), else one sentence per non-empty line."""
-    import csv
-    import io
     import sys
 
     if str(path) == "-":
@@ -451,26 +449,20 @@ def read_texts(path: str | Path) -> list[str]:
         # "\n" only (read_text already turned \r\n and \r into it), as stdin splits: str.splitlines would
         # also split at a form feed, NEL or U+2028 inside a sentence, one input line giving two rows.
         return [line for line in raw.split("\n") if line.strip()]
-    # Strict, as for the training data: an unterminated quote is an error, not the rest of the file as one
-    # text. Quoted fields may hold line breaks, so a record's first line is where the previous one ended + 1.
-    reader = csv.reader(io.StringIO(raw, newline=""), strict=True)
+    # Read as the training data is (strict quoting, header names stripped): an unterminated quote is an error,
+    # not the rest of the file as one text.
+    from vadsearch.data import csv_records
+
     header: list[str] | None = None
     texts: list[str] = []
-    end = 0
-    try:
-        for fields in reader:
-            end = reader.line_num
-            if not fields:  # a blank line
-                continue
-            if header is None:
-                header = fields
-                if "text" not in header:
-                    raise DataError(f"{path}: a CSV needs a `text` column; its columns are {header}")
-                column = header.index("text")
-            else:
-                texts.append(fields[column] if column < len(fields) else "")
-    except csv.Error as exc:
-        raise DataError(f"{path}, line {end + 1}: malformed CSV ({exc})") from None
+    for _, fields in csv_records(raw, path):
+        if header is None:
+            header = [name.strip() for name in fields]
+            if "text" not in header:
+                raise DataError(f"{path}: a CSV needs a `text` column; its columns are {header}")
+            column = header.index("text")
+        else:
+            texts.append(fields[column] if column < len(fields) else "")
     if header is None:
         raise DataError(f"{path}: a CSV needs a `text` column; its columns are none")
     return texts

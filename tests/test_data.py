@@ -132,6 +132,7 @@ def test_targets_are_read_only(tiny_corpus: data.Corpus) -> None:
         ),
         (_with(4, "id", ""), ["line 4, column 'id'", "empty"]),
         (_with(4, "id", "a1"), ["line 4, column 'id'", "'a1'", "first on line 2"]),
+        (_with(4, "id", " a1 "), ["line 4, column 'id'", "'a1'", "first on line 2"]),
         (GOOD_ROWS + [["a5", "train", "3", "3", "3"]], ["line 6", "expected 6 fields, found 5"]),
         (GOOD_ROWS + [["a5", "train", "3", "3", "3", "x", "extra"]], ["line 6", "found 7"]),
         ([r for r in GOOD_ROWS if r[1] != "train"], ["no rows with split 'train'"]),
@@ -140,7 +141,7 @@ def test_targets_are_read_only(tiny_corpus: data.Corpus) -> None:
     ],
     ids=[
         "text-number", "empty-number", "nan", "inf", "minus-inf", "below-1", "above-5", "unknown-split",
-        "empty-id", "duplicate-id", "too-few-fields", "too-many-fields", "no-train", "no-dev", "header-only",
+        "empty-id", "duplicate-id", "duplicate-id-spaced", "too-few-fields", "too-many-fields", "no-train", "no-dev", "header-only",
     ],
 )
 def test_bad_rows_are_rejected(tmp_path: Path, rows: list[list[str]], expected: list[str]) -> None:

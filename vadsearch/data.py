@@ -357,7 +357,7 @@ def _check_row(fields: list[str], n_fields: int, index: dict[str, int], where: s
     """One data row, checked field by field; `where` is "file, line N" for the messages."""
     if len(fields) != n_fields:
         raise DataError(f"{where}: expected {n_fields} fields, found {len(fields)}")
-    row_id = fields[index["id"]]
+    row_id = fields[index["id"]].strip()  # as the split is: "x " and "x" are one id, so a duplicate
     if not row_id.strip():
         raise DataError(f"{where}, column 'id': the id is empty")
     split = fields[index["split"]].strip()

@@ -126,6 +126,7 @@ def test_status_and_report_say_why_trials_failed(finished):
             distributions={"hidden_size": CategoricalDistribution([4, 8])},
             user_attrs={"point": "{}", "worker": "w:1", "fail_reason": f"ValueError: failure {number}"}))
     lines = invoke("status").output.splitlines()
+    assert "0 waiting, 7 failed (6 retried)" in lines[0]  # each failure but the last was run again
     # The five latest failures (trials 4-8), and where to read the others.
     assert [line for line in lines if " failed: " in line] == [
         *(f"  trial {2 + n} failed: ValueError: failure {n}; retried as trial {3 + n}, fail" for n in range(2, 6)),

@@ -5,6 +5,7 @@ raised where a GPU would raise it and the card's memory readings given."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 import traceback
@@ -236,6 +237,10 @@ def test_launch_goes_on_without_a_worker_that_gave_its_gpu_to_the_others(
     result = CliRunner().invoke(app, ["launch", str(path), "--workers", "2", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "note: worker(s) 0 ran out of GPU memory and stopped, leaving the GPU to the others" in result.output
+    assert "(next time, fewer --workers)" in result.output  # no --gpus here: --workers-per-gpu would be refused
+    # Said when it happened, too: the study may run for days after it.
+    assert re.search(r"\d\d:\d\d:\d\d worker 0 ran out of GPU memory and left the GPU to the others; the others "
+                     r"go on\n", result.stderr)
     assert "param.hidden_size" in result.output  # the leaderboard of the finished study
 
 
@@ -256,6 +261,9 @@ def test_what_launch_says_when_its_workers_gave_way_before_the_study_finished():
     assert code == 1 and message.endswith("run it again with --workers-per-gpu 5 to finish the study")
     code, message = launcher.unfinished("bert", 4, 6, 0, workers=16, gave_way=16, gpus=2)
     assert code == 1 and "--workers-per-gpu 1 " in message
+    # Launched without --gpus (on the default device): --workers-per-gpu would be refused.
+    code, message = launcher.unfinished("bert", 4, 6, 0, workers=8, gave_way=3, gpus=0)
+    assert code == 1 and message.endswith("run it again with --workers 5 to finish the study")
     # Workers elsewhere still hold trials of the study: no failure, so a supervisor does not restart this
     # launch into the same crowd (compose's `restart: on-failure`).
     code, message = launcher.unfinished("bert", 4, 6, 2, workers=8, gave_way=8, gpus=1)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -40,15 +44,19 @@ def test_the_storage_url_travels_in_the_environment_not_the_command_line() -> No
 
 def test_each_worker_gets_its_share_of_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     assert LaunchPlan(Path("s.toml"), workers=8).environment(0)["OMP_NUM_THREADS"] == "2"
     assert LaunchPlan(Path("s.toml"), workers=32).environment(0)["OMP_NUM_THREADS"] == "1"
     assert threads_per_worker(3) == 5
     monkeypatch.setenv("OMP_NUM_THREADS", "6")  # the user's choice wins
     assert LaunchPlan(Path("s.toml"), workers=8).environment(0)["OMP_NUM_THREADS"] == "6"
+    # The cores this process may use (taskset, Slurm, a container's cpuset), not the machine's.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 4})
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert threads_per_worker(1) == 2
 
 
-@pytest.mark.parametrize("text", ["a", "0;1", "gpu0", "-1"])
+@pytest.mark.parametrize("text", ["a", "0;1", "gpu0", "-1", "", ",", "\u00b2"])
 def test_bad_gpu_lists_are_one_line_errors(text: str) -> None:
     with pytest.raises(ConfigError, match="--gpus takes GPU indices"):
         parse_gpus(text)
@@ -214,7 +222,7 @@ def test_a_killed_worker_fails_the_launch_only_if_the_study_is_left_unfinished(t
     study_file = write_study(tmp_path / "k.toml", name="k", data=tiny_csv, search="hidden_size = [4, 8]")
     exits = []
     monkeypatch.setattr(launch_module, "start", lambda plan: [])
-    monkeypatch.setattr(launch_module, "wait", lambda processes, on_tick=None: exits)
+    monkeypatch.setattr(launch_module, "wait", lambda processes, on_tick=None, on_exit=None: exits)
 
     def launch(*codes):
         exits[:] = codes
@@ -232,6 +240,9 @@ def test_a_killed_worker_fails_the_launch_only_if_the_study_is_left_unfinished(t
     assert result.exit_code == 0 and result.stderr.strip() == (
         "note: worker(s) 0 (killed by SIGKILL) stopped; the other workers finished the study")
     assert result.exit_code == 0 and "hidden_size" in result.stdout  # the leaderboard, as after any launch
+    result = launch(143, 0)  # stopped by SIGTERM: the worker exits 143 itself, its trial queued again
+    assert result.exit_code == 0 and result.stderr.strip() == (
+        "note: worker(s) 0 (stopped by SIGTERM) stopped; the other workers finished the study")
     result = launch(1, 0)  # an error of its own fails the launch even so
     assert result.exit_code == 1 and "error: worker(s) 0 (exit code 1) stopped" in result.stderr
 
@@ -288,4 +299,52 @@ def test_gpus_with_device_cpu_or_workers_per_gpu_without_gpus_is_refused(tmp_pat
     result = CliRunner().invoke(app, ["launch", str(study_file), "--workers-per-gpu", "2", "--device", "cpu"])
     assert result.exit_code == 2 and result.stderr.strip() == (
         "error: --workers-per-gpu 2 puts workers on each GPU of --gpus: name them (e.g. --gpus 0), or give --workers N")
+    # Each worker sees its one GPU as cuda:0: cuda:1 failed in every worker, and the launch said "see logs".
+    result = CliRunner().invoke(app, ["launch", str(study_file), "--gpus", "0,1", "--device", "cuda:1"])
+    assert result.exit_code == 2 and result.stderr.strip() == (
+        "error: --gpus gives each worker one GPU, which it sees as cuda:0, so --device cuda:1 names none: pass "
+        "--device cuda with --gpus")
     assert not (tmp_path / "vadsearch-logs").exists()
+
+
+def _slow_to_stop_worker() -> subprocess.Popen:
+    """A worker that stops only at the second SIGINT: one busy writing its checkpoint when the first came."""
+    code = ("import signal, sys, time\n"
+            "got = []\n"
+            "signal.signal(signal.SIGINT, lambda *a: got.append(1))\n"
+            "print('ready', flush=True)\n"
+            "deadline = time.monotonic() + 60\n"
+            "while len(got) < 2 and time.monotonic() < deadline:\n"
+            "    time.sleep(0.02)\n"
+            "sys.exit(130 if len(got) >= 2 else 1)\n")
+    worker = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert worker.stdout.readline() == "ready\n"
+    return worker
+
+
+def test_launch_never_returns_before_its_workers_even_when_the_user_insists(monkeypatch) -> None:
+    # A second Ctrl-C after the first's repeat window raised out of the wait: the launch exited 130
+    # ("workers stopped") with a worker still running, and an MPS daemon it started was shut down under it.
+    from vadsearch import interrupts
+
+    monkeypatch.setattr(interrupts, "REPEAT_WINDOW", 0.2)
+    worker = _slow_to_stop_worker()
+    presses = [threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT)) for delay in (0.3, 1.0)]
+    for press in presses:
+        press.start()
+    try:
+        with pytest.raises(KeyboardInterrupt), interrupts.handled():
+            launch_module.wait([worker], tick=0.05)
+        assert worker.returncode == 130  # it got both presses, and was waited for
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def test_a_worker_that_stops_early_is_reported_when_it_stops() -> None:
+    quick = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    slow = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    seen = []
+    codes = launch_module.wait([quick, slow], tick=0.05,
+                               on_exit=lambda index, code: seen.append((index, code, slow.poll() is None)))
+    assert codes == [3, 0] and seen == [(0, 3, True)]  # said while the other still ran

@@ -11,6 +11,7 @@ import inspect
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -402,8 +403,11 @@ def launch(
     gpu_list = launcher.visible_devices(launcher.parse_gpus(gpus))
     if gpu_list and device == "cpu":
         raise ConfigError(f"--gpus {gpus} names GPUs, but --device cpu trains on the CPU: drop one of them")
+    if gpu_list and device.startswith("cuda:") and device != "cuda:0":  # else every worker fails on it alone
+        raise ConfigError(f"--gpus gives each worker one GPU, which it sees as cuda:0, so --device {device} names "
+                          "none: pass --device cuda with --gpus")
     per_gpu = launcher.parse_workers_per_gpu(workers_per_gpu)
-    if per_gpu is not None and not gpus:  # else the count silently became --workers on the default device
+    if per_gpu is not None and not gpu_list:  # else the count silently became --workers on the default device
         raise ConfigError(f"--workers-per-gpu {workers_per_gpu} puts workers on each GPU of --gpus: name them "
                           "(e.g. --gpus 0), or give --workers N")
     # Named GPUs must exist for the workers (else they train on the CPU); auto needs their sizes.
@@ -435,7 +439,8 @@ def launch(
             # SIGTERM (kill, timeout, a supervisor) stops the workers too, as Ctrl-C does: killing the launcher
             # alone left them running the study on their own.
             with interrupts.handled():
-                codes = launcher.wait(processes, on_tick=_progress_bar(spec, url))
+                codes = launcher.wait(processes, on_tick=_progress_bar(spec, url),
+                                      on_exit=_say_stopped(log_dir))
         except KeyboardInterrupt:
             what, code = interrupts.stopped()
             typer.echo(f"{what}: workers stopped; run the same command again to resume", err=True)
@@ -443,7 +448,8 @@ def launch(
     failed, gave_way = launcher.sort_exits(codes)
     if gave_way:
         typer.echo(f"note: worker(s) {', '.join(map(str, gave_way))} ran out of GPU memory and stopped, leaving "
-                   "the GPU to the others; their trials were queued again (next time, fewer --workers-per-gpu)",
+                   "the GPU to the others; their trials were queued again (next time, fewer "
+                   f"{'--workers-per-gpu' if gpu_list else '--workers'})",
                    err=True)
     from vadsearch import report as reports
     from vadsearch.worker import progress
@@ -453,7 +459,7 @@ def launch(
         stopped = f"worker(s) {launcher.describe_exits(codes, failed)} stopped"
         # Killed from outside (the OOM killer, a kill -9) while the others finished the study: nothing is lost,
         # its trial was taken over. An error of its own, or a study left unfinished, fails the launch.
-        if all(codes[i] < 0 for i in failed) and _finished(storage, spec):
+        if all(launcher.stopped_from_outside(codes[i]) for i in failed) and _finished(storage, spec):
             typer.echo(f"note: {stopped}; the other workers finished the study", err=True)
         else:
             typer.echo(f"error: {stopped}; see {log_dir}/", err=True)
@@ -473,12 +479,26 @@ def launch(
     _show(reports.render(board, "table"))
 
 
+def _say_stopped(log_dir: Path):
+    """A worker that stops while the others go on is said at once, not only when the last one stops: a study
+    may run for days."""
+    from vadsearch.errors import GpuMemoryError
+    from vadsearch.launch import exit_reason
+
+    def say(index: int, code: int) -> None:
+        if code == 0:  # no trial left for it: the others finish theirs
+            return
+        why = ("ran out of GPU memory and left the GPU to the others" if code == GpuMemoryError.exit_code
+               else f"stopped ({exit_reason(code)}); see {log_dir}/worker-{index}.log")
+        typer.echo(f"{time.strftime('%Y-%m-%d %H:%M:%S')} worker {index} {why}; the others go on", err=True)
+
+    return say
+
+
 def _progress_bar(spec, url: str):
     """A tick function that shows the settled configurations, read from the storage: one bar redrawn on
     a terminal; elsewhere (a log file, `docker logs`) a timestamped line each time the counts change,
     instead of a redraw every second for days."""
-    import time
-
     from tqdm.auto import tqdm
 
     from vadsearch.worker import progress
@@ -562,9 +582,12 @@ def status(storage: StorageOpt = None, fmt: FormatOpt = "table") -> None:
         # max_trials lowered after a run: "9/3 done" reads as a counting error.
         count = (f"{done}/{row['max_trials']} {unit} done" if done <= row["max_trials"]
                  else f"{done} {unit} done, beyond max_trials = {row['max_trials']}")
+        # A failure retried (an interrupted trial resumed) is no loss: "4/4 done, 1 failed" read as one.
+        retried = sum(t["retried_as"] is not None for t in row["failed_trials"])
         typer.echo(f"{row['name']} ({row['model']}, {row['sampler']}): {count} "
                    f"({row['complete']} complete, {row['pruned']} pruned), {row['running']} running, "
-                   f"{row['waiting']} waiting, {row['fail']} failed{memory}")
+                   f"{row['waiting']} waiting, {row['fail']} failed{f' ({retried} retried)' if retried else ''}"
+                   f"{memory}")
         for t in row["running_trials"]:
             of = f"/{t['max_epochs']}" if t["max_epochs"] else ""
             typer.echo(f"  trial {t['number']}: epoch {t['epochs_done'] or 0}{of} on {t['worker']}, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -55,14 +56,23 @@ class LaunchPlan:
 
 
 def threads_per_worker(workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // workers)
+    return max(1, usable_cores() // workers)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: under Slurm, taskset or `docker --cpuset-cpus` fewer than the
+    machine has, and counting those would oversubscribe them."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def parse_gpus(text: str | None) -> tuple[str, ...]:
-    if not text:
+    if text is None:
         return ()
     gpus = tuple(g.strip() for g in text.split(",") if g.strip())
-    if not all(g.isdigit() for g in gpus):
+    if not gpus or not all(re.fullmatch(r"[0-9]+", g) for g in gpus):  # str.isdigit takes "²"
         raise ConfigError(f"--gpus takes GPU indices separated by commas, like 0,1,2; got {text!r}")
     return gpus
 
@@ -95,26 +105,50 @@ def start(plan: LaunchPlan) -> list[subprocess.Popen]:
     return processes
 
 
-def wait(processes: list[subprocess.Popen], on_tick=None, tick: float = 1.0) -> list[int]:
-    """Wait for every worker, calling `on_tick()` about once a `tick`; Ctrl-C is passed to the workers,
-    which leave their running trials resumable."""
+def wait(processes: list[subprocess.Popen], on_tick=None, tick: float = 1.0, on_exit=None) -> list[int]:
+    """Wait for every worker, calling `on_tick()` about once a `tick` and `on_exit(index, code)` when a worker
+    stops before the others; Ctrl-C is passed to the workers, which leave their running trials resumable."""
+    reported: set[int] = set()
     try:
         while any(p.poll() is None for p in processes):
             interrupts.check()  # a Ctrl-C that a finalizer swallowed
+            if on_exit:
+                for index, p in enumerate(processes):
+                    if p.returncode is not None and index not in reported:
+                        reported.add(index)
+                        on_exit(index, p.returncode)
             if on_tick:
                 on_tick()
             time.sleep(tick)
     except KeyboardInterrupt:
-        for p in processes:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in processes:
-            p.wait()
+        _stop(processes)
         raise
     finally:
         if on_tick:
             on_tick()
     return [p.returncode for p in processes]
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    """Pass the stop on and wait for every worker. A later Ctrl-C (the user insisting while a worker writes
+    its checkpoint or waits out the database) is passed on too: the launch never returns before its workers
+    (an MPS daemon it started would be shut down under them)."""
+    while True:
+        for p in processes:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        try:
+            for p in processes:
+                p.wait()
+            return
+        except KeyboardInterrupt:
+            continue
+
+
+def stopped_from_outside(code: int) -> bool:
+    """Killed by a signal, or stopped by SIGINT or SIGTERM (a worker then exits 130 or 143 itself): the
+    worker's own work did not fail."""
+    return code < 0 or code in (128 + signal.SIGINT, 128 + signal.SIGTERM)
 
 
 def sort_exits(codes: list[int]) -> tuple[list[int], list[int]]:
@@ -129,13 +163,16 @@ def sort_exits(codes: list[int]) -> tuple[list[int], list[int]]:
 def describe_exits(codes: list[int], failed: list[int]) -> str:
     """`0 (exit code 1), 2 (killed by SIGKILL)`: a killed worker's log ends without a word of why, so saying
     only "exited with an error; see the logs" sent users to a log that does not tell."""
-    def why(code: int) -> str:
-        if code < 0:
-            with contextlib.suppress(ValueError):
-                return f"killed by {signal.Signals(-code).name}"
-        return f"exit code {code}"
+    return ", ".join(f"{i} ({exit_reason(codes[i])})" for i in failed)
 
-    return ", ".join(f"{i} ({why(codes[i])})" for i in failed)
+
+def exit_reason(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    if stopped_from_outside(code):
+        return f"stopped by {signal.Signals(code - 128).name}"
+    return f"exit code {code}"
 
 
 def unfinished(study: str, settled: int, total: int, running: int, workers: int, gave_way: int,
@@ -153,7 +190,8 @@ def unfinished(study: str, settled: int, total: int, running: int, workers: int,
     if per_gpu == 1:
         return 1, f"error: {done}; other processes fill the GPU: free it, then run the same command again"
     fitted = max(1, (workers - gave_way) // max(1, gpus))  # the workers that fit beside the others
-    return 1, f"error: {done}; run it again with --workers-per-gpu {fitted} to finish the study"
+    option = "--workers-per-gpu" if gpus else "--workers"  # --workers-per-gpu needs --gpus
+    return 1, f"error: {done}; run it again with {option} {fitted} to finish the study"
 
 
 AUTO_WORKERS_PER_GPU = 4  # before any trial of the study has recorded its peak memory

@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         inline = run(args.values, args.epochs, args.epoch_s, False, root / "inline")
         background = run(args.values, args.epochs, args.epoch_s, True, root / "background")
-        size = sum(p.stat().st_size for p in (root / "inline").glob("epoch-*.pt")) / 2**30 / 2  # two are kept
+        kept = [p.stat().st_size for p in (root / "inline").glob("epoch-*.pt")]  # the newest one or two
+        size = sum(kept) / len(kept) / 2**30
     finally:
         shutil.rmtree(root, ignore_errors=True)
     row = {"checkpoint_gib": size, "training_s": args.epoch_s, "inline_s_per_epoch": inline,

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_grid.py studies/bert.toml --workers 6 --random-base     # the report's BERT grid
     python benchmarks/bench_grid.py studies/lstm.toml --workers 8 --random-vectors   # the report's LSTM grid
-    python benchmarks/bench_grid.py studies/bert.toml --workers 2 --small --data tiny.csv --model-name DIR
+    python benchmarks/bench_grid.py studies/bert.toml --workers 2 --random-base --small --data tiny.csv
 
 `--random-base` trains a randomly initialised bert-base (the timing of bert-base-uncased, which this
 machine may not be able to download). `--random-vectors` gives an LSTM study a stand-in 300-d vector file
@@ -92,6 +92,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
+    if args.small and not args.random_base:
+        parser().error("--small makes --random-base's encoder tiny; without --random-base it changes nothing")
+    if args.random_base and args.model_name:
+        parser().error("--random-base and --model-name each name the encoder: give one")
 
     encoder = random_encoder_dir(args.small, args.minilm) if args.random_base else None
     vectors = random_vectors_file() if args.random_vectors else None

@@ -14,8 +14,10 @@
 #        grid-bert  the report's BERT grid end to end through launch (random bert-base, graphs, MPS)
 #        grid-lstm  the report's LSTM grid end to end through launch (stand-in vectors, MPS)
 #
-# A session with 15 minutes of device time fits two calls of one budget each, e.g. `tests bert`, then
-# `grid-bert grid-lstm lstm`.
+# Device time is scarce (15 minutes a session, of which each machine start takes 1-2): plan calls whose
+# BUDGET_S add up to about 12 minutes, the most wanted figures first, e.g. `BUDGET_S=420 ... bert`, then
+# `BUDGET_S=300 ... grid-bert lstm`, and `tests` with what is left. The exit status is 0 only when every
+# part asked for ran to the end with exit 0 (a part cut by its limit, failed or skipped: 1).
 #
 # Settings (environment): BUDGET_S (seconds for the whole command, default 560: one device call is at
 # most 600), MIN_PART_S (a part that would get less is skipped, default 60), DATA (EmoBank CSV), MINILM
@@ -47,6 +49,7 @@ for part in "${parts[@]}"; do
   esac
 done
 
+started=$SECONDS  # the budget counts from here: installing the wheels spends it too
 # The workers `launch` starts import vadsearch from here; carried wheels supply what the machine lacks.
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ -z "${DRY_RUN:-}" ] && [ -d .whl ] && ! python3 -c 'import optuna, sqlalchemy' 2>/dev/null; then
@@ -59,7 +62,7 @@ fi
 summary=$OUT/summary.txt
 [ -n "${DRY_RUN:-}" ] && summary=/dev/null
 spent=0  # seconds of the budget used so far; a dry run counts each part at its full limit
-started=$SECONDS
+status=0  # 1 once a part is skipped, cut short or fails: the figures are incomplete
 run() {  # run NAME LIMIT_S COMMAND...: time-limited, output kept in $OUT/NAME.log
   local name=$1 limit=${PART_LIMIT_S:-$2}; shift 2
   [ -z "${DRY_RUN:-}" ] && spent=$((SECONDS - started))
@@ -67,6 +70,7 @@ run() {  # run NAME LIMIT_S COMMAND...: time-limited, output kept in $OUT/NAME.l
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt "$MIN_PART_S" ]; then
     echo "$name: skipped, $left s of the $BUDGET_S s budget left" | tee -a "$summary"
+    [ -z "${DRY_RUN:-}" ] && status=1
     return
   fi
   if [ -n "${DRY_RUN:-}" ]; then
@@ -77,7 +81,9 @@ run() {  # run NAME LIMIT_S COMMAND...: time-limited, output kept in $OUT/NAME.l
   local part_started=$SECONDS
   timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
   local code=$?
-  echo "$name: exit $code after $((SECONDS - part_started)) s" | tee -a "$summary"
+  [ "$code" -ne 0 ] && status=1
+  echo "$name: exit $code after $((SECONDS - part_started)) s$([ "$code" -eq 124 ] && echo ", cut at its limit")" \
+    | tee -a "$summary"
   tail -n 25 "$OUT/$name.log"
 }
 
@@ -96,3 +102,4 @@ for part in "${parts[@]}"; do
                  --random-vectors --mps --device cuda --data "$DATA" ;;
   esac
 done
+exit $status

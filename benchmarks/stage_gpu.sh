@@ -34,6 +34,7 @@ for lowercase in (True, False):  # the studies' `lowercase` either way
     encode_words(corpus, lowercase)
     print(f"tokens: {cache_path(corpus, lowercase)}")
 EOF
+rm -rf .whl  # wheels of an earlier staging beside new ones: two versions of a package stop the install
 "$SHARED/tools/device-wheels.sh" core
 du -sh "$staged"
 echo "device call: carry [\"$staged\", \".whl\"], command benchmarks/gpu_suite.sh PARTS (see its header)"

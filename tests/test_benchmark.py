@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -44,6 +45,51 @@ def test_small_training_benchmark_on_cpu(real_data_path, tmp_path, capsys):
     assert "bert graphs" not in rows and "CUDA graphs need a CUDA device" in printed.err  # no eager row named graphs
 
 
+def test_the_aggregate_rate_counts_only_the_span_the_workers_shared():
+    aggregate_rate = _load("bench_train").aggregate_rate
+    # Together from t=2 to t=3: each did one epoch in that second. Worker 0's lone start does not count.
+    assert aggregate_rate([[0.0, 1.0, 2.0, 3.0], [2.0, 3.0, 4.0]]) == (pytest.approx(2.0), True)
+    # Worker 0 at 1 epoch/s until t=2, then 0.5 epoch/s beside worker 1: its own span's rate (0.67/s) would
+    # count its time alone; from t=2 to t=4 it did one epoch and worker 1 one: 1 epoch/s together.
+    assert aggregate_rate([[0.0, 1.0, 2.0, 4.0, 6.0], [2.0, 4.0]]) == (pytest.approx(1.0), True)
+    # One after the other: no shared span; the whole span's rate is a lower bound (it was 2/s, as if together).
+    assert aggregate_rate([[0.0, 1.0], [2.0, 3.0]]) == (pytest.approx(2 / 3), False)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--epochs-per-worker", "1"], "--epochs-per-worker must be at least 2"),
+    (["--models", "bret"], "--models takes bert, lstm or bert,lstm; got 'bret'"),
+    (["--quality", "--minilm", "/nonexistent"], "--quality needs the pretrained MiniLM; /nonexistent is not"),
+    (["--mps", "--device", "cpu"], "--mps shares a CUDA GPU; --device cpu is none"),
+])
+def test_training_benchmark_flags_that_would_measure_nothing_are_refused_at_once(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _load("bench_train").main(flags)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_quality_guard_fails_the_benchmark_beyond_its_tolerance():
+    bench = _load("bench_train")
+    row = {"reference_best_dev": 0.0700, "fast_best_dev": 0.0731, "difference": 0.0031, "within_target": 0.0}
+    assert bench.failed_guards({"quality": row, "bert": {"speedup": 3.0}}) == [
+        "quality: best dev 0.0731 against the reference's 0.0700, 0.0031 apart (target 0.002)"]
+    assert bench.failed_guards({"quality": {**row, "fast_best_dev": 0.0712, "within_target": 1.0}}) == []
+
+
+def test_the_reference_loop_trains_the_configuration_it_is_given(tiny_corpus):
+    from reference import reference_run
+    from vadsearch.config import TrainConfig
+
+    config = TrainConfig(model="lstm", max_epochs=1, batch_size=16, hidden_size=8, embedding_dim=8, layers=1)
+    # The same configuration trained by the reference loop with another optimizer would score differently:
+    # the guard compares two ways of doing the same training, not two trainings.
+    adam, adamw = (reference_run(config.replace(optimizer=name, weight_decay=0.1), tiny_corpus, torch.device("cpu"))
+                   for name in ("adam", "adamw"))
+    assert adam[1] != adamw[1]
+    with pytest.raises(ValueError, match="without gradient clipping or a schedule"):
+        reference_run(config.replace(grad_clip=1.0), tiny_corpus, torch.device("cpu"))
+
+
 def test_a_whole_grid_runs_through_launch(tiny_csv, tiny_bert_dir):
     bench = _load("bench_grid")
     study = BENCHMARKS.parent / "studies" / "bert.toml"
@@ -56,8 +102,14 @@ def test_a_whole_grid_runs_through_launch(tiny_csv, tiny_bert_dir):
 
 
 def test_checkpoint_benchmark_writes_both_ways():
-    row = _load("bench_checkpoint").main(["--values", "200000", "--epochs", "2", "--epoch-s", "0.05"])
-    assert row["checkpoint_gib"] > 0 and row["inline_s_per_epoch"] >= 0.05 and row["background_s_per_epoch"] >= 0.05
+    bench = _load("bench_checkpoint")
+    row = bench.main(["--values", "200000", "--epochs", "2", "--epoch-s", "0.05"])
+    assert row["inline_s_per_epoch"] >= 0.05 and row["background_s_per_epoch"] >= 0.05
+    # 200,000 float32 values and two Adam moments of the same size: 2.4 MB and a little more.
+    assert 3 * 200_000 * 4 / 2**30 < row["checkpoint_gib"] < 1.05 * 3 * 200_000 * 4 / 2**30
+    # One epoch keeps one checkpoint: the size of one, not half of it.
+    assert bench.main(["--values", "200000", "--epochs", "1", "--epoch-s", "0.01"])["checkpoint_gib"] == (
+        pytest.approx(row["checkpoint_gib"], rel=0.01))
 
 
 def test_orchestration_benchmark_runs_both_loops_on_sqlite(real_data_path, capsys):
@@ -126,6 +178,21 @@ def test_the_gpu_suite_fits_its_parts_into_one_budget(tmp_path):
     plan = planned(gpu_suite("bert", "lstm", OUT=str(tmp_path), BUDGET_S="150", PART_LIMIT_S="100").stdout)
     assert plan["bert"][0] == 100 and plan["lstm"][1].startswith("skipped")
     assert not list(tmp_path.iterdir())  # a dry run writes no summary
+
+
+def test_the_gpu_suite_fails_when_a_part_does(tmp_path):
+    # It exited 0 whatever its parts did: a device call read as a success with no figure measured.
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "nvidia-smi").write_text("#!/bin/sh\necho 'Fake GPU, 81559 MiB, 0.0'\n")
+    (fake_bin / "nvidia-smi").chmod(0o755)
+    out = tmp_path / "out"
+    ran = subprocess.run([str(BENCHMARKS / "gpu_suite.sh"), "tests"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "OUT": str(out),
+                              "PART_LIMIT_S": "1", "MIN_PART_S": "1", "BUDGET_S": "100"})
+    summary = (out / "summary.txt").read_text()
+    assert ran.returncode == 1 and summary.startswith("Fake GPU") and "tests: exit " in summary
+    assert "tests: exit 0 " not in summary
 
 
 def test_staging_gives_the_gpu_machine_the_corpus_model_tokens_and_wheels(tmp_path, tiny_csv, monkeypatch):

@@ -106,6 +106,23 @@ def test_status_counts_a_pruned_trial_as_done(tmp_path, monkeypatch):
     assert "p (lstm, tpe): 3 trials done, beyond max_trials = 2 (1 complete, 2 pruned)" in invoke("status").output
 
 
+def test_a_study_of_another_tool_is_shown_by_status_and_refused_by_reports(finished):
+    # Plain Optuna studies in the same database broke `status` for every study (a traceback), and reports
+    # ranked a maximized or multi-objective study as if it were a dev MSE.
+    import optuna
+
+    storage = "sqlite:///vadsearch.db"
+    optuna.create_study(study_name="plain-max", storage=storage, direction="maximize").add_trial(
+        optuna.create_trial(value=0.8))
+    optuna.create_study(study_name="plain-multi", storage=storage, directions=["minimize", "maximize"])
+    status = invoke("status")
+    assert status.exit_code == 0 and "tiny (lstm, grid): 2/2 configurations done" in status.output
+    assert "plain-max: not a vadsearch study, 1 trial(s) (1 complete, 0 running, 0 failed)" in status.output
+    for command in (["report", "plain-max"], ["best", "plain-multi"], ["compare", "tiny", "plain-max"]):
+        line = one_line_error(invoke(*command), code=3)
+        assert "was not made by vadsearch" in line and "optuna trials" in line, command
+
+
 def test_status_and_compare(finished):
     status = invoke("status")
     assert ("tiny (lstm, grid): 2/2 configurations done (2 complete, 0 pruned), 0 running, 0 waiting, 0 failed"
@@ -295,6 +312,9 @@ def test_a_study_whose_every_trial_failed_ends_the_worker_with_the_reason(tmp_pa
     assert result.stderr.splitlines()[-1] == (  # after the log's lines of each failure
         "error: every trial of study 'bad' failed (2); the latest: TrainingError: training diverged at epoch 1 "
         "(loss nan): lower the learning rate (`vadsearch report bad --trials` lists them all)")
+    # Finished, though nothing completed: status says the configurations were given up on, not still to run.
+    assert ("bad (lstm, grid): 0/2 configurations done (0 complete, 0 pruned, 2 given up after max_retries), "
+            "0 running, 0 waiting, 2 failed") in invoke("status").output
 
 
 @pytest.mark.parametrize(("flags", "line"), [

@@ -81,7 +81,39 @@ def hand_made(tmp_path):
     running.set_user_attr("point", '{"lr": 0.003}')
     study._storage.set_trial_intermediate_value(running._trial_id, 1, 0.08)
     study.enqueue_trial({"lr": 0.001}, user_attrs={"point": '{"lr": 0.001}'})
+    _started_an_hour_ago(url, running._trial_id)  # killed long ago: not a trial a worker still trains
     return url
+
+
+def _started_an_hour_ago(url: str, trial_id: int) -> None:
+    import datetime
+
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE trials SET datetime_start = :start WHERE trial_id = :id"),
+                           {"start": datetime.datetime.now() - datetime.timedelta(hours=1), "id": trial_id})
+    engine.dispose()
+
+
+def test_a_study_whose_worker_still_trains_a_trial_is_not_copied(tmp_path):
+    # Copied, the trial finished in the source alone and a worker on the target trained it again.
+    source, target = f"sqlite:///{tmp_path}/source.db", f"sqlite:///{tmp_path}/target.db"
+    study = optuna.create_study(study_name="live", storage=open_storage(source))
+    study.set_user_attr("vadsearch", {"name": "live", "sampler": "grid"})
+    trial = study.ask()
+    trial.set_user_attr("worker", "host:123")
+    with pytest.raises(StorageError, match=r"trial 0 of study 'live' is being trained \(just started, worker "
+                                           r"host:123\): stop the workers first, then migrate \(a killed worker's "
+                                           r"trial counts as stopped 60 s after its last heartbeat"):
+        migrate(source, target)
+    assert not (tmp_path / "target.db").exists()
+    result = CliRunner().invoke(app, ["migrate", source, target])
+    assert result.exit_code == 3 and "is being trained" in result.stderr and not (tmp_path / "target.db").exists()
+    # The user knows its worker is gone: the trial is copied as interrupted, to resume on the target.
+    result = CliRunner().invoke(app, ["migrate", source, target, "--grace-period", "0"])
+    assert result.exit_code == 0 and "1 running trial(s) failed as interrupted" in result.stdout
 
 
 def test_every_trial_is_copied_and_a_running_one_comes_back_interrupted(hand_made, tmp_path):
@@ -228,14 +260,15 @@ def test_sqlite_studies_move_to_postgres_and_the_half_finished_one_finishes_ther
     assert [t.state for t in before.trials] == [TrialState.COMPLETE, TrialState.RUNNING] + [TrialState.WAITING] * 2
     assert before.trials[1].intermediate_values.keys() == {1}
 
-    copied = {c.name: c for c in migrate(source, POSTGRES_URL, [done_name, half_name])}
+    # Its worker was "killed" a moment ago, and is known to be gone.
+    copied = {c.name: c for c in migrate(source, POSTGRES_URL, [done_name, half_name], grace_period=0)}
     assert (copied[done_name].trials, copied[done_name].interrupted) == (2, 0)
     assert (copied[half_name].trials, copied[half_name].interrupted) == (4, 1)
     for name in (done_name, half_name):
         assert_same_study(load(open_storage(source), name), load(postgres, name))
 
     with pytest.raises(StorageError, match="already has a study named"):
-        migrate(source, POSTGRES_URL, [half_name])
+        migrate(source, POSTGRES_URL, [half_name], grace_period=0)
     assert len(load(postgres, half_name).trials) == 4
 
     on_postgres = WorkerOptions(**{**options.__dict__, "storage": POSTGRES_URL})

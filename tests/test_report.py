@@ -199,11 +199,17 @@ def test_a_study_without_a_finished_trial_is_one_line_in_every_format(tmp_path: 
         trial = failed.ask()
         trial.set_user_attr("fail_reason", reason)
         failed.tell(trial, state=TrialState.FAIL)
+    pruned = make_study(storage, "pruned", "lstm", max_trials=2)
+    for _ in range(2):  # a finished study, every trial pruned: not "none yet", no worker will finish one
+        pruned.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, intermediate_values={1: 0.2}))
     for name, code, line in (
         ("waiting", 3, "error: no finished trial in study 'waiting' yet (1 running): `vadsearch status` shows how far "
                        "each is, `vadsearch report waiting --trials` lists them"),
         ("failed", 5, "error: every trial of study 'failed' failed (2); the latest: ConfigError: trainable_layers "
                       "'last-99' does not fit a model of 6 layers (`vadsearch report failed --trials` lists them all)"),
+        ("pruned", 3, "error: no trial of study 'pruned' ran to its end: 2 pruned; a pruned trial has no best weights "
+                      "or test score. A new study with a gentler pruner (or none) trains its configurations through "
+                      "(`vadsearch report pruned --trials` shows where each stopped)"),
     ):
         for command in (["report", name, "--format", fmt], ["best", name, "--format", fmt]):
             result = CliRunner().invoke(app, [*command, "--storage", url])

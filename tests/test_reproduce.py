@@ -172,6 +172,7 @@ def test_a_bert_grid_whose_every_trial_failed_does_not_stop_the_reproduction(tmp
     """The cased and freezing studies keep their files' values, and the table is still written."""
     storage = open_storage(f"sqlite:///{tmp_path}/r.db")
     study = optuna.create_study(study_name="bert", storage=storage)
+    study.set_user_attr("vadsearch", {"name": "bert", "sampler": "grid", "base": {"model": "bert"}})
     for _ in range(2):
         trial = study.ask()
         trial.set_user_attr("fail_reason", "ConfigError: no such encoder")

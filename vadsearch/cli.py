@@ -574,9 +574,15 @@ def status(storage: StorageOpt = None, fmt: FormatOpt = "table") -> None:
     if not rows:
         typer.echo("no studies yet: start one with `vadsearch worker STUDY_FILE`")
     for row in rows:
+        if not row["vadsearch"]:  # no planned count, model or sampler to show
+            typer.echo(f"{row['name']}: not a vadsearch study, {row['trials']} trial(s) "
+                       f"({row['complete']} complete, {row['running']} running, {row['fail']} failed)")
+            continue
         memory = f"; GPU memory per trial up to {row['peak_gpu_mib']:,.0f} MiB" if row["peak_gpu_mib"] else ""
         # A pruned trial is done too: "2/5 complete, 3 pruned" read as a study still running.
         done = row["complete"] + row["pruned"]
+        # Failed beyond max_retries: settled, so a study whose other configurations are done is finished.
+        gave_up = f", {row['given_up']} given up after max_retries" if row["given_up"] else ""
         # A grid's count is of configurations: a retried one is several trials (`report --trials`), one done.
         unit = "configurations" if row["sampler"] == "grid" else "trials"
         # max_trials lowered after a run: "9/3 done" reads as a counting error.
@@ -585,7 +591,7 @@ def status(storage: StorageOpt = None, fmt: FormatOpt = "table") -> None:
         # A failure retried (an interrupted trial resumed) is no loss: "4/4 done, 1 failed" read as one.
         retried = sum(t["retried_as"] is not None for t in row["failed_trials"])
         typer.echo(f"{row['name']} ({row['model']}, {row['sampler']}): {count} "
-                   f"({row['complete']} complete, {row['pruned']} pruned), {row['running']} running, "
+                   f"({row['complete']} complete, {row['pruned']} pruned{gave_up}), {row['running']} running, "
                    f"{row['waiting']} waiting, {row['fail']} failed{f' ({retried} retried)' if retried else ''}"
                    f"{memory}")
         for t in row["running_trials"]:
@@ -687,10 +693,14 @@ def migrate(
     studies: Annotated[
         Optional[list[str]], typer.Option("--study", help="Copy only this study (repeatable). Default: every study.")
     ] = None,
+    grace_period: Annotated[int, typer.Option(
+        help="A running trial whose heartbeat is younger is taken for one a worker still trains: nothing is "
+             "copied. 0: every running trial's worker is gone.")] = GRACE_PERIOD_S,
 ) -> None:
     """Copy studies, with every trial, to another database: the SQLite file → PostgreSQL move.
 
-    Stop the workers first. Trials that were running are copied as interrupted: the first worker on
+    Stop the workers first: a trial with a recent heartbeat is refused, and nothing is written. Trials
+    that were running (their workers stopped or killed) are copied as interrupted: the first worker on
     the target queues them again, and they continue from their checkpoints. A study whose name the
     target already has is refused, and nothing is written.
 
@@ -704,7 +714,9 @@ def migrate(
     from vadsearch.storage import mask
 
     target = migration.default_target(target)
-    for copied in migration.migrate(source, target, studies):
+    if grace_period < 0:
+        raise ConfigError(f"--grace-period must be a number of seconds >= 0, got {grace_period}")
+    for copied in migration.migrate(source, target, studies, grace_period):
         states = ", ".join(f"{n} {s.lower()}" for s, n in copied.states.items()) or "no trials"
         typer.echo(f"copied {copied.name}: {copied.trials} trial(s) ({states})")
         if copied.interrupted:

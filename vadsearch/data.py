@@ -358,7 +358,7 @@ def _check_row(fields: list[str], n_fields: int, index: dict[str, int], where: s
     if len(fields) != n_fields:
         raise DataError(f"{where}: expected {n_fields} fields, found {len(fields)}")
     row_id = fields[index["id"]].strip()  # as the split is: "x " and "x" are one id, so a duplicate
-    if not row_id.strip():
+    if not row_id:
         raise DataError(f"{where}, column 'id': the id is empty")
     split = fields[index["split"]].strip()
     if split not in SPLITS:

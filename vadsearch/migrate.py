@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from vadsearch import failures
 from vadsearch.errors import ConfigError, StorageError
-from vadsearch.storage import mask, open_storage, scrub, sqlite_path, study_lock
+from vadsearch.storage import GRACE_PERIOD_S, mask, open_storage, scrub, sqlite_path, study_lock
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,13 @@ class MigratedStudy:
     """Trials that were RUNNING in the source: failed as interrupted, to be resumed by a worker."""
 
 
-def migrate(source_url: str, target_url: str, studies: Sequence[str] | None = None) -> list[MigratedStudy]:
+def migrate(source_url: str, target_url: str, studies: Sequence[str] | None = None,
+            grace_period: float = GRACE_PERIOD_S) -> list[MigratedStudy]:
     """Copy `studies` (default: every study of the source) from one storage to another.
 
     Raises `StorageError`, before anything is written, when a study is missing from the source or
-    already in the target.
+    already in the target, or has a trial whose heartbeat is younger than `grace_period`: a worker still
+    training it would finish it in the source alone, and a worker on the target train it again.
     """
     import optuna
 
@@ -73,6 +75,7 @@ def migrate(source_url: str, target_url: str, studies: Sequence[str] | None = No
     if missing:
         raise StorageError(f"no study named {', '.join(map(repr, missing))} in {mask(source_url)}; "
                            f"studies there: {', '.join(sorted(available)) or 'none'}")
+    _refuse_live_workers(source, names, grace_period)
     target = open_storage(target_url)  # only now: a refused migration leaves no new database behind
     taken = sorted(set(names) & set(optuna.get_all_study_names(target)))
     if taken:
@@ -80,6 +83,20 @@ def migrate(source_url: str, target_url: str, studies: Sequence[str] | None = No
                            "nothing was copied: delete it there (optuna delete-study) or migrate the others "
                            "with --study")
     return [_copy(source, target, name, target_url) for name in names]
+
+
+def _refuse_live_workers(source, names: Sequence[str], grace_period: float) -> None:
+    from vadsearch.report import live_trials
+
+    live = live_trials(source, names, grace_period)
+    if live:
+        t = live[0]
+        heard = f"heartbeat {t['heartbeat_age_s']:.0f} s ago" if t["heartbeat_age_s"] is not None else "just started"
+        raise StorageError(
+            f"trial {t['number']} of study {t['study']!r} is being trained ({heard}, worker {t['worker'] or '?'})"
+            + (f", and {len(live) - 1} more" if len(live) > 1 else "") + ": stop the workers first, then migrate "
+            f"(a killed worker's trial counts as stopped {grace_period:g} s after its last heartbeat; "
+            "--grace-period 0 if you know its worker is gone)")
 
 
 def _same_database(a: str, b: str) -> bool:

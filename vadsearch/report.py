@@ -57,7 +57,11 @@ def load(storage: optuna.storages.BaseStorage | str, name: str, where: str = "th
     if name not in names:
         existing = ", ".join(names) if names else "none yet (start one with `vadsearch worker STUDY_FILE`)"
         raise StorageError(f"no study named {name!r} in {where}; studies: {existing}")
-    return _open(storage, name)
+    study = _open(storage, name)
+    if not _spec(study):  # its objective need not be a dev MSE, nor minimized, nor single
+        raise StorageError(f"study {name!r} in {where} was not made by vadsearch (it has no vadsearch description):"
+                           " read it with Optuna's own tools (`vadsearch dashboard`, `optuna trials`)")
+    return study
 
 
 def _open(storage: optuna.storages.BaseStorage | str, name: str) -> optuna.Study:
@@ -229,10 +233,18 @@ def require_complete(study: optuna.Study) -> None:
     if any(t.state == TrialState.COMPLETE for t in trials):
         return
     failed = [t for t in trials if t.state == TrialState.FAIL]
-    if failed and not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    settled = not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
+    if failed and not pruned and settled:
         latest = failures.describe(failed[-1].user_attrs)
         raise TrainingError(f"every trial of study {study.study_name!r} failed ({len(failed)}); the latest: {latest} "
                             f"(`vadsearch report {study.study_name} --trials` lists them all)")
+    if pruned and settled:  # not "none yet": no worker will finish one
+        raise StorageError(
+            f"no trial of study {study.study_name!r} ran to its end: {len(pruned)} pruned"
+            + (f", {len(failed)} failed" if failed else "") + "; a pruned trial has no best weights or test score. "
+            "A new study with a gentler pruner (or none) trains its configurations through "
+            f"(`vadsearch report {study.study_name} --trials` shows where each stopped)")
     counts = Counter(t.state.name.lower() for t in trials)
     held = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no trial"
     raise StorageError(f"no finished trial in study {study.study_name!r} yet ({held}): `vadsearch status` shows how "
@@ -340,6 +352,8 @@ def status(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
         counts = {state: sum(t.state.name == state for t in trials) for state in STATES}
         rows.append({
             "name": name,
+            "vadsearch": bool(spec),  # False: another tool's study in the same database
+            "given_up": _given_up(spec, trials),
             "model": _model(spec),
             "sampler": spec.get("sampler"),
             "trials": len(trials),
@@ -368,17 +382,41 @@ def status(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
     return rows
 
 
+def _given_up(spec: Mapping[str, Any], trials: list[FrozenTrial]) -> int:
+    """Configurations failed beyond the study's retries: settled, though not done (`worker.given_up`)."""
+    from vadsearch.studyfile import StudySpec
+    from vadsearch.worker import given_up
+
+    try:
+        return given_up(StudySpec.from_dict(dict(spec)), trials)
+    except Exception:  # noqa: BLE001 — another tool's study, or a description older than this reading of it
+        return 0
+
+
 def gpu_peaks(trials: list[optuna.trial.FrozenTrial]) -> list[float]:
     """The peak GPU memory (MiB) each finished trial's worker held; none off CUDA."""
     return [t.user_attrs["peak_gpu_mib"] for t in trials
             if t.state == TrialState.COMPLETE and t.user_attrs.get("peak_gpu_mib")]
 
 
-def _stale(heartbeat_age: float | None, trial: FrozenTrial, now: datetime.datetime) -> bool:
+def _stale(heartbeat_age: float | None, trial: FrozenTrial, now: datetime.datetime,
+           grace_period: float = GRACE_PERIOD_S) -> bool:
     # A trial that never sent a heartbeat is judged by its start, as workers judge it (`reconnect`).
     if heartbeat_age is None and trial.datetime_start is not None:
         heartbeat_age = (now - trial.datetime_start).total_seconds()
-    return heartbeat_age is not None and heartbeat_age > GRACE_PERIOD_S
+    return heartbeat_age is not None and heartbeat_age > grace_period
+
+
+def live_trials(storage: optuna.storages.BaseStorage, names: Sequence[str],
+                grace_period: float = GRACE_PERIOD_S) -> list[dict[str, Any]]:
+    """The RUNNING trials of `names` whose heartbeat (or start, before the first) is younger than
+    `grace_period`: their workers are most likely still training them."""
+    ages = _heartbeat_ages(storage)
+    now = datetime.datetime.now()
+    return [{"study": name, "number": t.number, "worker": t.user_attrs.get("worker"),
+             "heartbeat_age_s": ages.get((name, t.number))}
+            for name in names for t in _trials(_open(storage, name), (TrialState.RUNNING,))
+            if not _stale(ages.get((name, t.number)), t, now, grace_period)]
 
 
 def _heartbeat_ages(storage: optuna.storages.BaseStorage) -> dict[tuple[str, int], float]:

@@ -197,8 +197,16 @@ def progress(storage: optuna.storages.BaseStorage, spec: StudySpec) -> tuple[int
     trials = study.get_trials(deepcopy=False)
     points = survey(spec, trials, max_stale_retries=WorkerOptions.max_stale_retries)
     running = sum(t.state == TrialState.RUNNING and not t.user_attrs.get("orphan") for t in trials)
-    given_up = sum(p.settled and (p.failures or p.stale) and not _completed(p, trials) for p in points.values())
-    return sum(p.settled for p in points.values()), running, given_up
+    return sum(p.settled for p in points.values()), running, _given_up(points, trials)
+
+
+def given_up(spec: StudySpec, trials: list[optuna.trial.FrozenTrial]) -> int:
+    """Configurations no worker will run again: they failed more than the study's retries allow."""
+    return _given_up(survey(spec, trials, max_stale_retries=WorkerOptions.max_stale_retries), trials)
+
+
+def _given_up(points: dict[str, _Point], trials) -> int:
+    return sum(p.settled and bool(p.failures or p.stale) and not _completed(p, trials) for p in points.values())
 
 
 def _completed(point: _Point, trials) -> bool:

@@ -75,6 +75,17 @@ def test_every_command_has_help(runner: CliRunner, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(_commands()))
+def test_every_commands_examples_stand_out_from_its_prose(runner: CliRunner, name: str) -> None:
+    # Where "Examples:" came right after the summary, the help renderer took the examples' indent for the
+    # margin and printed them flush with the prose.
+    shown = runner.invoke(app, [name, "--help"], env={"COLUMNS": "200"}).output
+    examples = [line for line in shown.splitlines() if line.lstrip().startswith(f"vadsearch {name} ")
+                or line.lstrip().startswith("VADSEARCH_STORAGE=")]
+    assert examples, f"`vadsearch {name} --help` shows no example"
+    assert all(line.startswith("   ") for line in examples), examples
+
+
+@pytest.mark.parametrize("name", sorted(_commands()))
 def test_no_option_help_loses_a_bracketed_word_to_markup(runner: CliRunner, name: str) -> None:
     # The help is rendered as rich markup, where an unescaped "[train]" is a style tag and vanishes.
     rendered = " ".join(runner.invoke(app, [name, "--help"]).output.replace("│", " ").split())
@@ -86,6 +97,24 @@ def test_no_option_help_loses_a_bracketed_word_to_markup(runner: CliRunner, name
 def test_train_help_shows_an_example(runner: CliRunner) -> None:
     result = runner.invoke(app, ["train", "--help"])
     assert result.exit_code == 0 and "vadsearch train --model" in result.output
+
+
+def test_train_help_gives_each_training_option_a_description_and_its_default() -> None:
+    # The options default to None (to tell given ones apart), so the help showed no default at all, and
+    # seven options had no words either.
+    import typer.main
+
+    from vadsearch.config import TrainConfig
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["train"].params}
+    trained = [name for name in TrainConfig.__dataclass_fields__ if name in params and name not in ("model", "vectors")]
+    assert len(trained) == 24
+    for name in trained:
+        assert params[name].help and params[name].help.endswith("."), name
+        assert " Default: " in params[name].help, name
+    assert params["max_epochs"].help.endswith(f"Default: {TrainConfig.max_epochs}.")
+    assert params["bidirectional"].help.endswith("Default: --unidirectional.")  # the flag in force, not "False"
+    assert params["lowercase"].help.endswith("Default: --lowercase.")
 
 
 def test_cli_module_does_not_import_heavy_libraries() -> None:

@@ -158,7 +158,8 @@ def test_the_real_probe_on_a_machine_without_cuda_is_one_line() -> None:
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    with pytest.raises(ConfigError, match=r"CUDA sees 0 of these 1 GPU\(s\) here \(no CUDA GPU at all: use --device"):
+    with pytest.raises(ConfigError,
+                       match=r"CUDA sees 0 of these 1 GPU\(s\) here \(no CUDA GPU at all: drop --gpus and pass"):
         check_gpus(("0",))
 
 
@@ -173,7 +174,7 @@ def test_launch_on_gpus_cuda_cannot_see_stops_before_any_worker(tmp_path, tiny_c
     study_file = write_study(tmp_path / "g.toml", name="g", data=tiny_csv, search="hidden_size = [4]")
     result = CliRunner().invoke(app, ["launch", str(study_file), "--gpus", "3"])  # --device auto
     assert result.exit_code == 2 and result.stderr.strip() == (
-        "error: --gpus 3: CUDA sees 0 of these 1 GPU(s) here (no CUDA GPU at all: use --device cpu)")
+        "error: --gpus 3: CUDA sees 0 of these 1 GPU(s) here (no CUDA GPU at all: drop --gpus and pass --device cpu)")
     assert not (tmp_path / "vadsearch-logs").exists() and not (tmp_path / "vadsearch.db").exists()
 
 
@@ -278,6 +279,15 @@ def test_launch_refuses_a_changed_study_or_missing_data_before_any_worker(tmp_pa
     result = CliRunner().invoke(app, ["launch", str(fresh), "--device", "cpu", "--timeout", "-1"])
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: --timeout must be a number of seconds >= 0, got -1.0"
+    # Word vectors or an encoder a trial needs: each worker failed on its own, and launch said "see logs".
+    vectors = write_study(tmp_path / "v.toml", name="v", data=tiny_csv, search="hidden_size = [4]",
+                          embedding="external", vectors="no-such-vectors.txt")
+    result = CliRunner().invoke(app, ["launch", str(vectors), "--device", "cpu"])
+    assert result.exit_code == 2 and "word vectors 'no-such-vectors.txt' are neither a file" in result.stderr
+    result = CliRunner().invoke(app, ["launch", str(fresh), "--device", "cpu", "--set", "model=bert",
+                                      "--set", f"model_name={tmp_path / 'no-such-encoder'}"])
+    assert result.exit_code == 2 and "no-such-encoder" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "vadsearch-logs").exists()
     (tmp_path / "file").write_text("")
     result = CliRunner().invoke(app, ["launch", str(fresh), "--device", "cpu", "--artifacts", "file"])
     assert result.exit_code == 4 and "cannot write to the artifact directory file/e" in result.stderr

@@ -82,15 +82,25 @@ def test_an_installed_package_reads_the_studies_of_its_working_directory(tmp_pat
     ({"device": "gpu"}, "unknown device 'gpu'"),
     ({"device": "cuda:99"}, "device cuda:99 asked for, but this"),  # no GPU here, or not 100 of them
     ({"model_name": "/no/such/encoder"}, "cannot load the tokenizer of '/no/such/encoder'"),
+    # The LSTM study's vectors: after the baseline study, with advice reproduce had no option for.
+    ({"quick": False, "vectors": "no-such-vectors.txt"}, "word vectors 'no-such-vectors.txt' are neither a file"),
 ])
-def test_what_would_fail_after_hours_of_studies_fails_before_the_first(tmp_path, tiny_csv, change, message):
+def test_what_would_fail_after_hours_of_studies_fails_before_the_first(tmp_path, tiny_csv, tiny_bert_dir, change,
+                                                                       message):
     options = reproduce.ReproduceOptions(storage=f"sqlite:///{tmp_path}/r.db", artifacts=tmp_path / "art",
                                          data=tiny_csv, device="cpu", out=tmp_path / "results", quick=True,
-                                         progress=False)
+                                         model_name=str(tiny_bert_dir), progress=False)
     started = []
     with pytest.raises(VadsearchError, match=re.escape(message)):
         reproduce.run(dataclasses.replace(options, **change), on_study=lambda spec: started.append(spec.name))
     assert started == [] and not (tmp_path / "r.db").exists()
+    assert not (tmp_path / "results").exists() or change.get("out")  # no empty results folder left behind
+
+
+def test_the_lstm_study_takes_the_vectors_given():
+    full = specs(vectors="/data/glove.txt")
+    assert full["lstm"].base.vectors == "/data/glove.txt"
+    assert specs()["lstm"].base.vectors == "glove.6B.300d"  # the file's own
 
 
 def trials_by_study(url: str) -> dict[str, list[optuna.trial.FrozenTrial]]:

@@ -140,6 +140,19 @@ def _scores_line(label: str, scores) -> str:
             f"  {correlation}")
 
 
+def _opt(name: str, help: str, *flags: str):
+    """A training option of `train`, its help ending with TrainConfig's default: the options themselves default
+    to None so that the ones given can be told apart (an option the run does not read is named as ignored)."""
+    from vadsearch.config import TrainConfig
+
+    default = TrainConfig.__dataclass_fields__[name].default
+    if isinstance(default, bool) and flags:  # the flag that is on: "--unidirectional", not "False"
+        shown = flags[0].split("/")[0 if default else 1]
+    else:
+        shown = str(default)
+    return typer.Option(*flags, help=f"{help} Default: {shown}.")
+
+
 @app.command()
 def train(
     model: Annotated[str, typer.Option(help="lstm, bert or baseline.")] = "lstm",
@@ -147,40 +160,45 @@ def train(
     checkpoint_dir: Annotated[
         Optional[Path], typer.Option(help="Write a checkpoint every epoch here; run again to resume.")
     ] = None,
-    max_epochs: Annotated[Optional[int], typer.Option(help="Epochs at most; the best on dev is kept.")] = None,
-    patience: Annotated[Optional[int], typer.Option(help="Stop after N epochs without improvement.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option()] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="adam or adamw.")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option()] = None,
-    grad_clip: Annotated[Optional[float], typer.Option(help="Max gradient norm; 0 = off.")] = None,
-    schedule: Annotated[Optional[str], typer.Option(help="constant or linear (warm-up, then decay).")] = None,
-    warmup_ratio: Annotated[Optional[float], typer.Option(help="Share of steps spent warming up.")] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
-    dropout: Annotated[Optional[float], typer.Option()] = None,
-    hidden_size: Annotated[Optional[int], typer.Option(help="LSTM hidden units per direction.")] = None,
-    layers: Annotated[Optional[int], typer.Option(help="LSTM layers.")] = None,
-    bidirectional: Annotated[Optional[bool], typer.Option("--bidirectional/--unidirectional")] = None,
-    embedding: Annotated[Optional[str], typer.Option(help="LSTM embeddings: internal or external.")] = None,
-    embedding_dim: Annotated[Optional[int], typer.Option(help="Size of internal embeddings.")] = None,
+    max_epochs: Annotated[Optional[int], _opt("max_epochs", "Epochs at most; the best on dev is kept.")] = None,
+    patience: Annotated[Optional[int], _opt("patience", "Stop after N epochs without improvement; 0 = never.")] = None,
+    batch_size: Annotated[Optional[int], _opt("batch_size", "Sentences per training step.")] = None,
+    lr: Annotated[Optional[float], _opt("lr", "Learning rate.")] = None,
+    optimizer: Annotated[Optional[str], _opt("optimizer", "adam or adamw.")] = None,
+    weight_decay: Annotated[Optional[float], _opt("weight_decay", "Weight decay (coupled with adam, decoupled with "
+                                                                  "adamw).")] = None,
+    grad_clip: Annotated[Optional[float], _opt("grad_clip", "Max gradient norm; 0 = off.")] = None,
+    schedule: Annotated[Optional[str], _opt("schedule", "constant or linear (warm-up, then decay).")] = None,
+    warmup_ratio: Annotated[Optional[float], _opt("warmup_ratio", "Share of steps spent warming up.")] = None,
+    seed: Annotated[Optional[int], _opt("seed", "Seeds the weights, the batch order and dropout.")] = None,
+    dropout: Annotated[Optional[float], _opt("dropout", "Dropout probability.")] = None,
+    hidden_size: Annotated[Optional[int], _opt("hidden_size", "LSTM hidden units per direction.")] = None,
+    layers: Annotated[Optional[int], _opt("layers", "LSTM layers.")] = None,
+    bidirectional: Annotated[Optional[bool], _opt("bidirectional", "LSTM: read each sentence both ways.",
+                                                  "--bidirectional/--unidirectional")] = None,
+    embedding: Annotated[Optional[str], _opt("embedding", "LSTM embeddings: internal or external.")] = None,
+    embedding_dim: Annotated[Optional[int], _opt("embedding_dim", "Size of internal embeddings.")] = None,
     vectors: Annotated[Optional[str], typer.Option(help="GloVe/word2vec text file for external embeddings.")] = None,
-    freeze_embeddings: Annotated[Optional[bool], typer.Option("--freeze-embeddings/--tune-embeddings")] = None,
-    lowercase: Annotated[Optional[bool], typer.Option("--lowercase/--keep-case")] = None,
-    min_freq: Annotated[Optional[int], typer.Option(help="Rarer training words become <unk>.")] = None,
-    model_name: Annotated[Optional[str], typer.Option(help="BERT: hub id or local model directory.")] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="BERT: tokens per sentence at most.")] = None,
-    trainable_layers: Annotated[
-        Optional[str], typer.Option(help="BERT layers that train: all, none, first-K, middle-K, last-K or I:J.")
-    ] = None,
-    train_embeddings: Annotated[
-        Optional[bool], typer.Option("--train-embeddings/--freeze-bert-embeddings", help="BERT: embedding layer trains.")
-    ] = None,
-    baseline: Annotated[Optional[str], typer.Option(help="Baseline: constant (3,3,3) or mean.")] = None,
+    freeze_embeddings: Annotated[Optional[bool], _opt("freeze_embeddings", "LSTM: external vectors stay fixed, or "
+                                                      "train.", "--freeze-embeddings/--tune-embeddings")] = None,
+    lowercase: Annotated[Optional[bool], _opt("lowercase", "LSTM: lowercase words before the vocabulary.",
+                                              "--lowercase/--keep-case")] = None,
+    min_freq: Annotated[Optional[int], _opt("min_freq", "Rarer training words become <unk>.")] = None,
+    model_name: Annotated[Optional[str], _opt("model_name", "BERT: hub id or local model directory.")] = None,
+    max_length: Annotated[Optional[int], _opt("max_length", "BERT: tokens per sentence at most.")] = None,
+    trainable_layers: Annotated[Optional[str], _opt(
+        "trainable_layers", "BERT layers that train: all, none, first-K, middle-K, last-K or I:J.")] = None,
+    train_embeddings: Annotated[Optional[bool], _opt("train_embeddings", "BERT: embedding layer trains.",
+                                                     "--train-embeddings/--freeze-bert-embeddings")] = None,
+    baseline: Annotated[Optional[str], _opt("baseline", "Baseline: constant (3,3,3) or mean.")] = None,
     device: DeviceOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Train one configuration and print per-epoch dev scores and the final dev/test scores.
+
+    Options not given take the defaults shown below. With --checkpoint-dir, the same command run again
+    resumes from the last finished epoch.
 
     Examples:
 
@@ -372,6 +390,9 @@ def launch(
 ) -> None:
     """Start N workers on this machine (round-robin over --gpus) and show their combined progress.
 
+    The workers are ordinary `vadsearch worker` processes, one log each in --log-dir; workers elsewhere on
+    the same --storage share the study with them. Ctrl-C stops them all; the same command resumes.
+
     Examples:
 
       vadsearch launch studies/lstm.toml --workers 8 --gpus 0,1
@@ -423,10 +444,13 @@ def launch(
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     # Data that cannot be read, a mistyped or unreachable database, a study file the stored study does not
     # admit: one line here, not "worker(s) 0, 1 stopped; see logs" after every worker has failed on it alone.
-    from vadsearch.worker import WorkerOptions, check_artifacts, check_study, study_corpus
+    from vadsearch.worker import WorkerOptions, check_artifacts, check_models, check_study, study_corpus
 
     WorkerOptions(timeout=timeout)  # the workers' options, as each worker would check them
     corpus = study_corpus(spec, data)
+    # Vectors and encoders: missing, each worker failed on its own ("see logs"); named and not yet downloaded,
+    # every worker downloaded them at once.
+    check_models([spec.config_for(p) for p in spec.checked_points()])
     check_study(spec, open_storage(url), corpus)  # opening makes the (SQLite) file a worker would make
     check_artifacts(artifacts, spec)  # the last checks make what they check
     writable_dir(log_dir, "the log directory", advice="pass another --log-dir")
@@ -559,6 +583,9 @@ def _finished(storage, spec) -> bool:
 def status(storage: StorageOpt = None, fmt: FormatOpt = "table") -> None:
     """Each study: trials by state; running trials with their epoch, worker and heartbeat age.
 
+    A running trial silent for longer than a worker's grace period is marked stale: its worker is most
+    likely gone, and the next worker on the study takes it over. The latest failures follow, with why.
+
     Examples:
 
       vadsearch status
@@ -656,7 +683,11 @@ def report(
 def best(study: StudyArg, storage: StorageOpt = None, fmt: FormatOpt = "json") -> None:
     """The best trial (by dev score): parameters, best epoch, dev and test scores, checkpoint.
 
-    Example: vadsearch best quickstart --format json
+    The trial is chosen on dev alone; its test score is the study's only one reported.
+
+    Example:
+
+      vadsearch best quickstart --format json
     """
     from vadsearch import report as reports
 
@@ -671,7 +702,12 @@ def compare(
 ) -> None:
     """The report's table: each study's best trial, its dev and test score and per-dimension r.
 
-    Example: vadsearch compare baseline lstm bert bert-cased bert-freeze --format markdown
+    Studies scored on different sentences (another file, another subset) are named in a warning: their
+    scores do not compare. After `vadsearch reproduce --quick` the studies are named quick-*.
+
+    Example:
+
+      vadsearch compare baseline lstm bert bert-cased bert-freeze --format markdown
     """
     _setup_logging(True)  # a warning (studies scored on different sentences) in the format of every other
     from vadsearch import report as reports
@@ -818,7 +854,9 @@ def dashboard(
     vadsearch keeps checkpoints as plain files (see each trial's checkpoint_dir; use `vadsearch plot`,
     `predict` and `export-model` on them).
 
-    Example: vadsearch dashboard --port 8080   (then open http://127.0.0.1:8080/)
+    Example (then open http://127.0.0.1:8080/):
+
+      vadsearch dashboard --port 8080
     """
     _setup_logging(False)
     from vadsearch.dashboard import open_server, run, url
@@ -846,6 +884,9 @@ def predict(
     device: DeviceOpt = "auto",
 ) -> None:
     """Rate sentences with the best model of a study: V, A and D on EmoBank's 1-5 scale, one row each.
+
+    The sentences come as arguments, or from --file: one per line, the `text` column of a .csv, or
+    standard input (--file -). STUDY may also be a directory written by `vadsearch export-model`.
 
     Examples:
 
@@ -886,7 +927,9 @@ def export_model(
     head.safetensors; LSTM: model.pt (a torch state dict) and vocab.json. Both: config.json (the training
     configuration, scores and provenance). `vadsearch predict DIR TEXT...` uses it.
 
-    Example: vadsearch export-model bert models/bert-best
+    Example:
+
+      vadsearch export-model bert models/bert-best
     """
     _setup_logging(True)
     _quiet_models()
@@ -914,6 +957,9 @@ def reproduce(
     data: DataOpt = None,
     device: DeviceOpt = "auto",
     keep: KeepOpt = "best",
+    vectors: Annotated[Optional[str], typer.Option(
+        help="Word vectors of the LSTM study: a GloVe/word2vec text file. Default: its file's glove.6B.300d, "
+             "downloaded once (822 MB).")] = None,
     carry_best: Annotated[
         bool,
         typer.Option("--carry-best/--as-written", help="bert-cased and bert-freeze take the BERT grid's best batch "
@@ -943,9 +989,11 @@ def reproduce(
     from vadsearch import reproduce as reproduction
     from vadsearch.retention import check_keep
 
+    if quick and vectors:
+        logging.getLogger("vadsearch").warning("--vectors: --quick's LSTM trains its own embeddings: ignored")
     options = reproduction.ReproduceOptions(
         storage=storage, artifacts=artifacts, data=data, device=device, out=out, quick=quick,
-        model_name=model_name, carry_best=carry_best, studies_dir=studies_dir, keep=check_keep(keep),
+        model_name=model_name, vectors=vectors, carry_best=carry_best, studies_dir=studies_dir, keep=check_keep(keep),
         progress=not quiet,
     )
     def done(spec, summary) -> None:  # said of a study already finished too: "running" read as work redone

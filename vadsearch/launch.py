@@ -233,8 +233,8 @@ def check_gpus(gpus: tuple[str, ...]) -> list[int]:
     not there would train on the CPU instead, for days, without a word."""
     sizes = gpu_memory_mib(gpus)
     if len(sizes) < len(gpus):
-        raise ConfigError(f"--gpus {','.join(gpus)}: CUDA sees {len(sizes)} of these {len(gpus)} GPU(s) here "
-                          f"({'run nvidia-smi to see why' if sizes else 'no CUDA GPU at all: use --device cpu'})")
+        why = "run nvidia-smi to see why" if sizes else "no CUDA GPU at all: drop --gpus and pass --device cpu"
+        raise ConfigError(f"--gpus {','.join(gpus)}: CUDA sees {len(sizes)} of these {len(gpus)} GPU(s) here ({why})")
     return sizes
 
 

@@ -185,7 +185,7 @@ def _optuna_plot(study: optuna.Study, kind: str) -> Figure:
     require_complete(study)  # none yet, or every trial failed: said as `report` says it
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if kind != "history" and not any(t.params for t in complete):
-        raise ConfigError(f"study {study.study_name!r} searches no parameter: a {kind} plot needs one")
+        raise ConfigError(f"study {study.study_name!r} searches no parameter: the {kind} plot needs one")
     if kind == "importance" and len(complete) < 2:
         raise ConfigError("parameter importances need at least 2 complete trials")
     import matplotlib

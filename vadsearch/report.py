@@ -205,7 +205,7 @@ def _so_far(trial: FrozenTrial) -> tuple[int | None, int | None, float]:
 def leaderboard(study: optuna.Study, top: int | None = None) -> pd.DataFrame:
     """COMPLETE trials ranked by dev MSE (rank 1 is best); `top` keeps the first rows only."""
     if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
-        raise ConfigError(f"top must be a positive number of rows; got {top!r}")
+        raise ConfigError(f"--top must be a positive number of rows; got {top!r}")
     complete = _complete_by_dev(study)  # one read of the study
     ranked = complete[:top]
     params = _param_names(complete)

@@ -61,6 +61,8 @@ class ReproduceOptions:
     quick: bool = False
     model_name: str | None = None
     """The encoder of every BERT study; None: the files' own (quick: bert-base-uncased)."""
+    vectors: str | None = None
+    """The LSTM study's word vectors (a GloVe/word2vec file, or a named set); None: its file's own."""
     carry_best: bool = True
     studies_dir: Path | None = None
     """None: `default_studies_dir()`."""
@@ -89,6 +91,8 @@ def load_specs(options: ReproduceOptions) -> list[StudySpec]:
             spec = quick_spec(spec, options.model_name or "bert-base-uncased")
         elif options.model_name and spec.base.model == "bert":
             spec = spec.with_overrides(train={"model_name": options.model_name})
+        elif options.vectors and spec.base.model == "lstm":  # --quick trains its own embeddings: none needed
+            spec = spec.with_overrides(train={"vectors": options.vectors})
         specs.append(spec)
     return specs
 
@@ -118,17 +122,16 @@ def carry_over(spec: StudySpec, winner: dict) -> StudySpec:
     return spec.with_overrides(train=values) if values else spec
 
 
-def _check_before_the_first_study(options: ReproduceOptions) -> None:
-    """What would otherwise fail only after studies that take hours: the device, the encoder, --out."""
+def _check_before_the_first_study(options: ReproduceOptions, specs: list[StudySpec]) -> None:
+    """What would otherwise fail only after studies that take hours: the device, the word vectors and
+    encoders every study needs (named vectors are downloaded here, once), --out."""
     from vadsearch.outdir import writable_dir
     from vadsearch.train import resolve_device
+    from vadsearch.worker import check_models
 
     resolve_device(options.device)  # the name, and that this machine has it: the baseline study needs none
-    if options.model_name:
-        from vadsearch.encoding import load_tokenizer
-
-        load_tokenizer(options.model_name)
-    writable_dir(options.out, "the results directory", advice="pass another --out")
+    check_models([spec.config_for(p) for spec in specs for p in spec.checked_points()])
+    writable_dir(options.out, "the results directory", advice="pass another --out")  # last: made when checked
 
 
 def run(options: ReproduceOptions, on_study: Callable[[StudySpec], None] | None = None,
@@ -141,13 +144,14 @@ def run(options: ReproduceOptions, on_study: Callable[[StudySpec], None] | None 
     from vadsearch.worker import Worker, WorkerOptions
 
     check_keep(options.keep)
-    _check_before_the_first_study(options)
+    specs = load_specs(options)
+    _check_before_the_first_study(options, specs)
     url = storage_url(options.storage)
     worker_options = WorkerOptions(storage=url, artifacts=options.artifacts, data=options.data,
                                    device=options.device, progress=options.progress, keep=options.keep)
     result = ReproduceResult()
     winner: dict | None = None
-    for spec in load_specs(options):
+    for spec in specs:
         base_name = spec.name.removeprefix(QUICK_PREFIX)
         if options.carry_best and base_name in ("bert-cased", FREEZE_STUDY) and winner:
             spec = carry_over(spec, winner)

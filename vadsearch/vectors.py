@@ -45,7 +45,8 @@ def resolve_vectors(name_or_path: str, *, download: bool = True) -> Path:
     extracted = folder / member
     if extracted.is_file():
         return extracted
-    hint = "download the vectors yourself and pass their path: --vectors PATH (train), --set vectors=PATH (a study)"
+    hint = ("download the vectors yourself and pass their path: --vectors PATH (train, reproduce), "
+            "--set vectors=PATH (worker, launch)")
     archive = folder / Path(url).name
     if not archive.is_file():
         if not download:

@@ -293,6 +293,24 @@ def _description(spec: StudySpec, corpus: Corpus) -> dict[str, Any]:
     return {**spec.to_dict(), "data_sha256": corpus.sha256, "file_sha256": corpus.file_sha256}
 
 
+def check_models(configs: list) -> None:
+    """The word vectors (downloaded once, if named and missing), encoders and layer windows that `configs` (a
+    study's `checked_points`) reach: one of them missing would fail every trial of a worker, and every worker."""
+    from vadsearch.vectors import resolve_vectors
+
+    for vectors in sorted({c.vectors for c in configs if c.model == "lstm" and c.embedding == "external"}):
+        resolve_vectors(vectors)
+    bert = sorted({(c.model_name, c.trainable_layers) for c in configs if c.model == "bert"})
+    for model_name in sorted({name for name, _ in bert}):
+        from vadsearch.encoding import load_tokenizer
+
+        load_tokenizer(model_name)
+    for model_name, window in bert:
+        from vadsearch.models.bert import check_trainable_layers
+
+        check_trainable_layers(model_name, window)
+
+
 def check_artifacts(root: Path, spec: StudySpec) -> None:
     """An artifact directory that cannot be written would fail every trial: say so once, before the first."""
     from vadsearch.outdir import writable_dir
@@ -435,19 +453,7 @@ class Worker:
             self._device = describe_device(self._torch_device)
         self._corpus = study_corpus(self.spec, self.options.data)
         check_artifacts(self.options.artifacts, self.spec)  # after the input checks: bad input leaves nothing behind
-        from vadsearch.vectors import resolve_vectors
-
-        for vectors in sorted({c.vectors for c in configs if c.model == "lstm" and c.embedding == "external"}):
-            resolve_vectors(vectors)
-        bert = sorted({(c.model_name, c.trainable_layers) for c in configs if c.model == "bert"})
-        for model_name in sorted({name for name, _ in bert}):
-            from vadsearch.encoding import load_tokenizer
-
-            load_tokenizer(model_name)
-        for model_name, window in bert:
-            from vadsearch.models.bert import check_trainable_layers
-
-            check_trainable_layers(model_name, window)
+        check_models(configs)
 
     # --- the loop ----------------------------------------------------------------------------------
     def run(self) -> WorkerSummary:

@@ -410,7 +410,10 @@ def _stale(heartbeat_age: float | None, trial: FrozenTrial, now: datetime.dateti
 def live_trials(storage: optuna.storages.BaseStorage, names: Sequence[str],
                 grace_period: float = GRACE_PERIOD_S) -> list[dict[str, Any]]:
     """The RUNNING trials of `names` whose heartbeat (or start, before the first) is younger than
-    `grace_period`: their workers are most likely still training them."""
+    `grace_period`: their workers are most likely still training them. A grace period of 0: none (the
+    caller knows every worker is gone; a heartbeat sent this very second must not count as younger)."""
+    if grace_period <= 0:
+        return []
     ages = _heartbeat_ages(storage)
     now = datetime.datetime.now()
     return [{"study": name, "number": t.number, "worker": t.user_attrs.get("worker"),

@@ -117,6 +117,13 @@ def test_train_help_gives_each_training_option_a_description_and_its_default() -
     assert params["lowercase"].help.endswith("Default: --lowercase.")
 
 
+def test_version_is_printed(runner: CliRunner) -> None:
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout == f"vadsearch {version('vadsearch')}\n"
+
+
 def test_cli_module_does_not_import_heavy_libraries() -> None:
     code = "import sys, vadsearch.cli; print(sorted(m for m in ('torch', 'transformers', 'spacy', 'optuna') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -214,6 +214,10 @@ def test_read_texts_keeps_csv_quoting_and_empty_texts(tmp_path):
     lines = tmp_path / "in.txt"
     lines.write_text("\ufefffirst\n\n  \nsecond\n", encoding="utf-8")
     assert read_texts(lines) == ["first", "second"]
+    from vadsearch.errors import DataError
+
+    with pytest.raises(DataError, match=r" is a directory: --file takes a text file \(one sentence per line\)"):
+        read_texts(tmp_path)
 
 
 def one_error(result, code: int) -> str:

@@ -51,6 +51,7 @@ def test_unreachable_postgres_names_the_host_but_not_the_password():
         open_storage(url)
     text = str(error.value)
     assert "cannot open" in text and "127.0.0.1" in text and "s3cret-pw" not in text and "\n" not in text
+    assert text.endswith("check the URL (--storage or $VADSEARCH_STORAGE) and that the server is up")
 
 
 def test_reading_a_missing_sqlite_file_creates_nothing(tmp_path):

@@ -58,8 +58,20 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals can hold a database URL with its password
 )
 
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        typer.echo(f"vadsearch {version('vadsearch')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print vadsearch's version and exit.")] = False,
+) -> None:
     """Resumable hyperparameter search for Valence-Arousal-Dominance regression on EmoBank.
 
     Train one model with `vadsearch train`; search a study file with `vadsearch worker`.

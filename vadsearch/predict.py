@@ -439,6 +439,8 @@ def read_texts(path: str | Path) -> list[str]:
             raise DataError(f"standard input: cannot read as UTF-8 text ({exc})") from None
         return [line for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n") if line.strip()]
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory: --file takes a text file (one sentence per line) or a CSV")
     try:
         raw = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:

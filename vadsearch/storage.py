@@ -145,7 +145,9 @@ def open_storage(
         raise StorageUrlError(f"cannot open {mask(url)}: {exc}; vadsearch connects to PostgreSQL with psycopg 3: "
                               "postgresql+psycopg://USER:PASSWORD@HOST/DB") from None
     except SQLAlchemyError as exc:
-        raise StorageError(f"cannot open {mask(url)}: {_first_line(scrub(str(exc), url))}") from None
+        where = "the file" if path is not None else \
+            "the URL (--storage or $VADSEARCH_STORAGE) and that the server is up"
+        raise StorageError(f"cannot open {mask(url)}: {_first_line(scrub(str(exc), url))}; check {where}") from None
     except RuntimeError as exc:  # Optuna's schema-version check
         raise StorageError(f"{mask(url)}: {_first_line(scrub(str(exc), url))}") from None
 

@@ -268,6 +268,7 @@ def test_launch_rejects_a_mistyped_device_once_before_starting_workers(tmp_path,
     (["--storage", "sqlite:///no-such-dir/v.db"], 3, "error: cannot create no-such-dir/v.db: directory no-such-dir"),
     (["--storage", "postgresql+psycopg://bob:hunter2@127.0.0.1:1/x"], 3, "error: cannot open postgresql+psycopg://bob:***@"),
     (["--workers", "0"], 2, "error: --workers must be at least 1, got 0"),
+    (["--grace-period", "5", "--heartbeat-interval", "5"], 2, "error: --grace-period (5 s) must be longer than"),
 ])
 def test_launch_refuses_a_bad_storage_or_worker_count_once_before_starting_workers(tmp_path, tiny_csv, monkeypatch,
                                                                                   flags, code, line):
@@ -376,3 +377,18 @@ def test_every_command_teaches_in_its_help():
         assert command in result.output
         help_text = invoke(command, "--help").output
         assert "Usage" in help_text and len(help_text) > 200
+
+
+def test_launch_passes_the_workers_timing_on(tmp_path, tiny_csv, monkeypatch):
+    # Its workers ran with the defaults whatever the network: a PostgreSQL across a slow link needs longer.
+    import vadsearch.launch
+
+    monkeypatch.chdir(tmp_path)
+    plans = []
+    monkeypatch.setattr(vadsearch.launch, "start", lambda plan: plans.append(plan) or [])
+    monkeypatch.setattr(vadsearch.launch, "wait", lambda processes, on_tick=None, on_exit=None: [])
+    study_file = write_study(tmp_path / "t.toml", name="t", data=tiny_csv, search="hidden_size = [4]")
+    runner.invoke(app, ["launch", str(study_file), "--device", "cpu", "--grace-period", "300",
+                        "--heartbeat-interval", "30", "--db-timeout", "1800"])
+    args = " ".join(plans[0].worker_args)
+    assert "--heartbeat-interval 30 --grace-period 300 --db-timeout 1800.0" in args

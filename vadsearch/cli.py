@@ -19,7 +19,7 @@ import typer
 from typer.core import TyperGroup
 
 from vadsearch.errors import ConfigError, VadsearchError
-from vadsearch.storage import GRACE_PERIOD_S  # a constant; the module imports nothing heavy
+from vadsearch.storage import DB_OUTAGE_LIMIT_S, GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S  # constants: nothing heavy
 
 
 class _Group(TyperGroup):
@@ -90,6 +90,12 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars;
 StorageOpt = Annotated[
     Optional[str],
     typer.Option("--storage", help="Study database URL. Default: $VADSEARCH_STORAGE, else sqlite:///vadsearch.db."),
+]
+# A worker's timing; `launch` passes them on to its workers.
+HeartbeatOpt = Annotated[int, typer.Option(help="Seconds between a running trial's heartbeats.")]
+GraceOpt = Annotated[int, typer.Option(help="Seconds without heartbeat before a trial counts as dead.")]
+DbTimeoutOpt = Annotated[
+    float, typer.Option(help="Seconds to wait out an unreachable database before exiting (trial stays resumable).")
 ]
 ArtifactsOpt = Annotated[
     Path, typer.Option(help="Checkpoints and best weights; must be shared by all workers of a study.")
@@ -326,12 +332,9 @@ def worker(
     data: DataOpt = None,
     device: DeviceOpt = "auto",
     sets: SetOpt = None,
-    heartbeat_interval: Annotated[int, typer.Option(help="Seconds between a running trial's heartbeats.")] = 10,
-    grace_period: Annotated[int, typer.Option(help="Seconds without heartbeat before a trial counts as dead.")]
-    = GRACE_PERIOD_S,
-    db_timeout: Annotated[
-        float, typer.Option(help="Seconds to wait out an unreachable database before exiting (trial stays resumable).")
-    ] = 600.0,
+    heartbeat_interval: HeartbeatOpt = HEARTBEAT_INTERVAL_S,
+    grace_period: GraceOpt = GRACE_PERIOD_S,
+    db_timeout: DbTimeoutOpt = DB_OUTAGE_LIMIT_S,
     keep: KeepOpt = "best",
     quiet: QuietOpt = False,
 ) -> None:
@@ -395,6 +398,9 @@ def launch(
     device: DeviceOpt = "auto",
     sets: SetOpt = None,
     log_dir: Annotated[Path, typer.Option(help="One log file per worker goes here.")] = Path("vadsearch-logs"),
+    heartbeat_interval: HeartbeatOpt = HEARTBEAT_INTERVAL_S,
+    grace_period: GraceOpt = GRACE_PERIOD_S,
+    db_timeout: DbTimeoutOpt = DB_OUTAGE_LIMIT_S,
     keep: KeepOpt = "best",
     mps: Annotated[bool, typer.Option(
         "--mps", help="Share each GPU through NVIDIA MPS, so that its workers' kernels run side by side "
@@ -430,7 +436,8 @@ def launch(
     args = ["--artifacts", str(artifacts), "--device", device]
     args += ["--data", str(data)] if data else []
     args += ["--timeout", str(timeout)] if timeout is not None else []
-    args += ["--keep", keep]
+    args += ["--keep", keep, "--heartbeat-interval", str(heartbeat_interval), "--grace-period", str(grace_period),
+             "--db-timeout", str(db_timeout)]
     for item in sets or []:
         args += ["--set", item]
     gpu_list = launcher.visible_devices(launcher.parse_gpus(gpus))
@@ -458,7 +465,8 @@ def launch(
     # admit: one line here, not "worker(s) 0, 1 stopped; see logs" after every worker has failed on it alone.
     from vadsearch.worker import WorkerOptions, check_artifacts, check_models, check_study, study_corpus
 
-    WorkerOptions(timeout=timeout)  # the workers' options, as each worker would check them
+    WorkerOptions(timeout=timeout, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                  db_outage_limit=db_timeout)  # the workers' options, as each worker would check them
     corpus = study_corpus(spec, data)
     # Vectors and encoders: missing, each worker failed on its own ("see logs"); named and not yet downloaded,
     # every worker downloaded them at once.

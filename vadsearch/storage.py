@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 DEFAULT_STORAGE = "sqlite:///vadsearch.db"
 SQLITE_BUSY_TIMEOUT_S = 60  # writers queue behind each other instead of failing with "database is locked"
 GRACE_PERIOD_S = 60  # by default, a RUNNING trial whose heartbeat is older is taken for dead (workers, status)
+HEARTBEAT_INTERVAL_S = 10  # a worker's default time between its running trial's heartbeats
+DB_OUTAGE_LIMIT_S = 600.0  # a worker's default wait for an unreachable database before it exits
 POOL_RECYCLE_S = 300  # PostgreSQL servers and proxies drop idle connections; replace them before that
 IDLE_IN_TRANSACTION_S = 60  # PostgreSQL ends a session of ours that sits inside a transaction this long
 PG_CONNECT_ARGS = {

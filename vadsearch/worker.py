@@ -37,7 +37,9 @@ from vadsearch import failures, interrupts
 from vadsearch.errors import CheckpointError, GpuMemoryError, MachineFault, StudyFileError, TrainingError
 from vadsearch.fit import fit
 from vadsearch.storage import (
+    DB_OUTAGE_LIMIT_S,
     GRACE_PERIOD_S,
+    HEARTBEAT_INTERVAL_S,
     mask,
     open_storage,
     set_user_attrs,
@@ -78,11 +80,11 @@ class WorkerOptions:
     """Trials this worker runs at most; None: until the study is finished."""
     timeout: float | None = None
     """Seconds after which this worker starts no new trial."""
-    heartbeat_interval: int = 10
+    heartbeat_interval: int = HEARTBEAT_INTERVAL_S
     grace_period: int = GRACE_PERIOD_S
     """A RUNNING trial whose heartbeat is older than this is stale: its worker is taken for dead."""
     max_stale_retries: int = 10
-    db_outage_limit: float = 600.0
+    db_outage_limit: float = DB_OUTAGE_LIMIT_S
     """Seconds to wait out an unreachable database before exiting (the running trial stays resumable)."""
     progress: bool = True
     keep: str = "best"

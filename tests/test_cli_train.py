@@ -124,6 +124,21 @@ def test_version_is_printed(runner: CliRunner) -> None:
     assert result.exit_code == 0 and result.stdout == f"vadsearch {version('vadsearch')}\n"
 
 
+def test_a_library_that_prints_its_own_lines_is_not_printed_twice(capsys) -> None:
+    # huggingface_hub's retries of a download (a mistyped --model-name, offline) came out twice each.
+    from vadsearch.cli import _setup_logging
+
+    own = logging.StreamHandler()  # as huggingface_hub sets one on its logger when imported
+    library = logging.getLogger("huggingface_hub")
+    library.addHandler(own)
+    try:
+        _setup_logging(False)
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        assert capsys.readouterr().err.count("Retrying in 1s") == 1
+    finally:
+        library.removeHandler(own)
+
+
 def test_cli_module_does_not_import_heavy_libraries() -> None:
     code = "import sys, vadsearch.cli; print(sorted(m for m in ('torch', 'transformers', 'spacy', 'optuna') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -130,6 +130,9 @@ def _setup_logging(quiet: bool) -> None:
     # Timestamped: a worker's log may cover days.
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%Y-%m-%d %H:%M:%S", handlers=[_CurrentStderr()], force=True)
+    # huggingface_hub prints through a handler of its own and passed each line on to ours too: every retry
+    # of a download twice.
+    logging.getLogger("huggingface_hub").propagate = False
 
 
 def _optuna_logging(level: int) -> None:

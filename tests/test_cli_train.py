@@ -128,15 +128,16 @@ def test_a_library_that_prints_its_own_lines_is_not_printed_twice(capsys) -> Non
     # huggingface_hub's retries of a download (a mistyped --model-name, offline) came out twice each.
     from vadsearch.cli import _setup_logging
 
-    own = logging.StreamHandler()  # as huggingface_hub sets one on its logger when imported
     library = logging.getLogger("huggingface_hub")
-    library.addHandler(own)
+    # Its own handler, as huggingface_hub sets one when imported (here: on this test's stderr, not on the
+    # stream of whichever test imported it first).
+    before, library.handlers = library.handlers, [logging.StreamHandler()]
     try:
         _setup_logging(False)
         logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
         assert capsys.readouterr().err.count("Retrying in 1s") == 1
     finally:
-        library.removeHandler(own)
+        library.handlers = before
 
 
 def test_cli_module_does_not_import_heavy_libraries() -> None:

@@ -433,7 +433,7 @@ def test_missing_word_vectors_stop_the_worker_before_any_trial(setup, monkeypatc
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     spec, options = setup('embedding = ["internal", "external"]\nhidden_size = [4]', vectors="glove.6B.300d")
-    with pytest.raises(ConfigError, match="glove.6B.300d unavailable.*--set vectors=PATH \\(a study\\)"):
+    with pytest.raises(ConfigError, match="glove.6B.300d unavailable.*--set vectors=PATH \\(worker, launch\\)"):
         Worker(spec, options).run()
     assert not (tmp_path / "s.db").exists()  # said before the first trial, not 36 failures later
 

@@ -384,12 +384,15 @@ def status(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
 
 def _given_up(spec: Mapping[str, Any], trials: list[FrozenTrial]) -> int:
     """Configurations failed beyond the study's retries: settled, though not done (`worker.given_up`)."""
+    from vadsearch.errors import VadsearchError
     from vadsearch.studyfile import StudySpec
     from vadsearch.worker import given_up
 
+    if not spec:  # another tool's study: no retries of ours to have spent
+        return 0
     try:
         return given_up(StudySpec.from_dict(dict(spec)), trials)
-    except Exception:  # noqa: BLE001 — another tool's study, or a description older than this reading of it
+    except (KeyError, TypeError, ValueError, VadsearchError):  # a description older than this reading of it
         return 0
 
 

@@ -143,6 +143,16 @@ def test_suggest_returns_enqueued_grid_points(stem):
         study.tell(trial, 0.5)
 
 
+def test_checked_configs_reach_every_corner_of_a_sampled_space_and_every_run_of_a_grid(tmp_path):
+    sampled = load_study_file(write(tmp_path, TPE_HEADER + '[train]\nmodel = "lstm"\n[search]\n'
+                                    'bidirectional = [false, true]\nhidden_size = { low = 64, high = 512 }\n'))
+    corners = [(c.bidirectional, c.hidden_size) for c in sampled.checked_configs()]
+    assert sorted(corners) == [(b, h) for b in (False, True) for h in (64, 512)]
+    grid = load_study_file(STUDIES / "quickstart.toml")
+    assert len(grid.checked_configs()) == grid.grid_size() == 8
+    assert all(isinstance(c, TrainConfig) for c in grid.checked_configs())
+
+
 def test_pruners():
     spec = load_study_file(STUDIES / "lstm-tpe.toml")
     assert isinstance(spec.make_pruner(), optuna.pruners.MedianPruner)

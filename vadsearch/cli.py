@@ -473,7 +473,7 @@ def launch(
     corpus = study_corpus(spec, data)
     # Vectors and encoders: missing, each worker failed on its own ("see logs"); named and not yet downloaded,
     # every worker downloaded them at once.
-    check_models([spec.config_for(p) for p in spec.checked_points()])
+    check_models(spec.checked_configs())
     check_study(spec, open_storage(url), corpus)  # opening makes the (SQLite) file a worker would make
     check_artifacts(artifacts, spec)  # the last checks make what they check
     writable_dir(log_dir, "the log directory", advice="pass another --log-dir")

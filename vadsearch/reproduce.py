@@ -130,7 +130,7 @@ def _check_before_the_first_study(options: ReproduceOptions, specs: list[StudySp
     from vadsearch.worker import check_models
 
     resolve_device(options.device)  # the name, and that this machine has it: the baseline study needs none
-    check_models([spec.config_for(p) for spec in specs for p in spec.checked_points()])
+    check_models([config for spec in specs for config in spec.checked_configs()])
     writable_dir(options.out, "the results directory", advice="pass another --out")  # last: made when checked
 
 

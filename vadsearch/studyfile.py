@@ -303,6 +303,11 @@ class StudySpec:
             return [dict(zip(names, values)) for values in itertools.product(*(p.edges() for p in self.space))]
         return [{p.name: value} for p in self.space for value in p.edges()]
 
+    def checked_configs(self) -> list[TrainConfig]:
+        """The training configurations of `checked_points`: every model, encoder, vector file and layer
+        window the space can reach."""
+        return [self.config_for(p) for p in self.checked_points()]
+
     def config_for(self, params: dict[str, Any]) -> TrainConfig:
         """The training configuration of one trial: the fixed options with `params` on top."""
         return self.base.replace(**params) if params else self.base

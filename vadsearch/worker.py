@@ -445,8 +445,7 @@ class Worker:
     def preflight(self) -> None:
         from vadsearch.config import check_device
 
-        # Every model, encoder, vector file and layer window the space can reach, each checked once.
-        configs = [self.spec.config_for(p) for p in self.spec.checked_points()]  # no search: the base alone
+        configs = self.spec.checked_configs()  # no search: the base alone
         check_device(self.options.device)  # by name, without torch: a baseline-only study needs no device
         if {c.model for c in configs} != {"baseline"}:
             from vadsearch.train import describe_device, resolve_device  # loads torch

@@ -207,18 +207,23 @@ def test_status_calls_a_trial_silent_past_the_grace_period_stale(finished):
     assert GRACE_PERIOD_S == WorkerOptions.grace_period  # the default a worker takes a trial for dead after
     storage = optuna.storages.RDBStorage("sqlite:///vadsearch.db")
     study = optuna.load_study(study_name="tiny", storage=storage)
-    running = study.ask()
-    storage.record_heartbeat(running._trial_id)
+    running, patient = study.ask(), study.ask()
+    patient.set_user_attr("grace_period_s", 3600)  # its worker runs with --grace-period 3600
     beat = models.TrialHeartbeatModel
-    with storage.engine.begin() as connection:  # its worker was killed 27 minutes ago
-        mine = beat.trial_id == running._trial_id
-        sent = connection.execute(sa.select(beat.heartbeat).where(mine)).scalar_one()
-        connection.execute(sa.update(beat).where(mine).values(heartbeat=sent - datetime.timedelta(minutes=27)))
-    [line] = [line for line in invoke("status").output.splitlines() if line.startswith(f"  trial {running.number}:")]
+    for trial in (running, patient):
+        storage.record_heartbeat(trial._trial_id)
+        with storage.engine.begin() as connection:  # sent 27 minutes ago
+            mine = beat.trial_id == trial._trial_id
+            sent = connection.execute(sa.select(beat.heartbeat).where(mine)).scalar_one()
+            connection.execute(sa.update(beat).where(mine).values(heartbeat=sent - datetime.timedelta(minutes=27)))
+    lines = invoke("status").output.splitlines()
+    [line] = [line for line in lines if line.startswith(f"  trial {running.number}:")]
     assert line.endswith("heartbeat 27 min ago (stale: its worker seems gone; the next worker on this study takes "
                          "it over)")
+    [line] = [line for line in lines if line.startswith(f"  trial {patient.number}:")]
+    assert line.endswith("heartbeat 27 min ago")  # within its own worker's grace period
     [row] = json.loads(invoke("status", "--format", "json").output)
-    assert row["running_trials"][0]["stale"] is True
+    assert [t["stale"] for t in row["running_trials"]] == [True, False]
 
 
 @pytest.mark.parametrize(("seconds", "shown"), [(None, "?"), (4.4, "4 s"), (119, "119 s"), (150, "2 min"),

@@ -64,6 +64,9 @@ def test_grid_runs_every_point_once_and_a_rerun_runs_nothing(setup, caplog):
     assert len(load(options).trials) == 4
 
 
+IDENTITY = ("worker", "config", "checkpoint_dir", "grace_period_s")
+
+
 def test_a_queued_trial_shows_who_runs_it_from_its_start_without_a_write_of_its_own(setup, monkeypatch):
     import vadsearch.worker as worker_module
 
@@ -72,7 +75,7 @@ def test_a_queued_trial_shows_who_runs_it_from_its_start_without_a_write_of_its_
 
     def watched(config, *args, **kwargs):  # what another process reads while the trial trains
         running = load(options).get_trials(states=(TrialState.RUNNING,))
-        seen.append({k: running[0].user_attrs.get(k) for k in ("worker", "config", "checkpoint_dir")})
+        seen.append({k: running[0].user_attrs.get(k) for k in IDENTITY})
         return real_train(config, *args, **kwargs)
 
     identity_writes = []
@@ -83,8 +86,9 @@ def test_a_queued_trial_shows_who_runs_it_from_its_start_without_a_write_of_its_
     assert worker.run().stopped == "finished"
     assert identity_writes == []  # written with the RUNNING state, in Optuna's own transaction
     complete = sorted(load(options).get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.number)
-    assert seen == [{k: t.user_attrs[k] for k in ("worker", "config", "checkpoint_dir")} for t in complete]
+    assert seen == [{k: t.user_attrs[k] for k in IDENTITY} for t in complete]
     assert [s["config"]["hidden_size"] for s in seen] == [4, 8] and seen[0]["worker"] == worker.name
+    assert {s["grace_period_s"] for s in seen} == {options.grace_period}  # what `status` judges its silence by
     assert all(s["checkpoint_dir"].endswith(spec.config_for(s["config"]).fingerprint()) for s in seen)
 
 

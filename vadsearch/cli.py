@@ -606,8 +606,8 @@ def _finished(storage, spec) -> bool:
 def status(storage: StorageOpt = None, fmt: FormatOpt = "table") -> None:
     """Each study: trials by state; running trials with their epoch, worker and heartbeat age.
 
-    A running trial silent for longer than a worker's grace period is marked stale: its worker is most
-    likely gone, and the next worker on the study takes it over. The latest failures follow, with why.
+    A running trial silent for longer than its worker's --grace-period is marked stale: its worker is
+    most likely gone, and the next worker on the study takes it over. The latest failures follow, with why.
 
     Examples:
 

@@ -339,8 +339,9 @@ def status(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
     running and heartbeat age, and why each failed trial failed.
 
     `heartbeat_age_s` is None where the trial has no heartbeat (heartbeats off, or not recorded yet) or the
-    storage is not a database. `stale`: silent for longer than a worker's default grace period, so its
-    worker is most likely gone and the next worker on the study takes it over.
+    storage is not a database. `stale`: silent for longer than its worker's grace period (the default for
+    a trial that does not record one), so its worker is most likely gone and the next worker on the study
+    takes it over.
     """
     ages = _heartbeat_ages(storage)
     now = datetime.datetime.now()  # Optuna stores a trial's start in local time, without a zone
@@ -368,7 +369,8 @@ def status(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
                     "max_epochs": _max_epochs(t, spec),
                     "running_s": (now - t.datetime_start).total_seconds() if t.datetime_start else None,
                     "heartbeat_age_s": ages.get((name, t.number)),
-                    "stale": _stale(ages.get((name, t.number)), t, now),
+                    "stale": _stale(ages.get((name, t.number)), t, now,
+                                    t.user_attrs.get("grace_period_s", GRACE_PERIOD_S)),
                 }
                 for t in trials
                 if t.state == TrialState.RUNNING

@@ -779,7 +779,9 @@ class Worker:
         if self._last_identity[0] != key:  # computed as the trial starts, then again in its objective
             config = self.spec.config_for(params)
             run_dir = run_directory(self.options.artifacts, self.spec.name, config.fingerprint())
-            identity = {"worker": self.name, "config": config.relevant(), "checkpoint_dir": str(run_dir)}
+            identity = {"worker": self.name, "config": config.relevant(), "checkpoint_dir": str(run_dir),
+                        # `status` judges the trial's silence by its own worker's grace period, not the default.
+                        "grace_period_s": self.options.grace_period}
             self._last_identity = (key, identity)
         return dict(self._last_identity[1])
 

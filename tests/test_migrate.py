@@ -111,6 +111,14 @@ def test_a_study_whose_worker_still_trains_a_trial_is_not_copied(tmp_path):
     assert not (tmp_path / "target.db").exists()
     result = CliRunner().invoke(app, ["migrate", source, target])
     assert result.exit_code == 3 and "is being trained" in result.stderr and not (tmp_path / "target.db").exists()
+    # A worker running with a longer grace period: its trial is live for as long, unless told otherwise.
+    trial.set_user_attr("grace_period_s", 7200)
+    _started_an_hour_ago(source, trial._trial_id)
+    with pytest.raises(StorageError, match=r"counts as stopped 7200 s after its last heartbeat"):
+        migrate(source, target)
+    with pytest.raises(StorageError, match=r"counts as stopped 3700 s after"):
+        migrate(source, target, grace_period=3700)
+    assert not (tmp_path / "target.db").exists()
     # The user knows its worker is gone: the trial is copied as interrupted, to resume on the target.
     result = CliRunner().invoke(app, ["migrate", source, target, "--grace-period", "0"])
     assert result.exit_code == 0 and "1 running trial(s) failed as interrupted" in result.stdout

@@ -752,9 +752,10 @@ def migrate(
     studies: Annotated[
         Optional[list[str]], typer.Option("--study", help="Copy only this study (repeatable). Default: every study.")
     ] = None,
-    grace_period: Annotated[int, typer.Option(
+    grace_period: Annotated[Optional[int], typer.Option(
         help="A running trial whose heartbeat is younger is taken for one a worker still trains: nothing is "
-             "copied. 0: every running trial's worker is gone.")] = GRACE_PERIOD_S,
+             "copied. Default: the --grace-period its worker runs with (60 s unless given). 0: every running "
+             "trial's worker is gone.", show_default=False)] = None,
 ) -> None:
     """Copy studies, with every trial, to another database: the SQLite file → PostgreSQL move.
 
@@ -773,7 +774,7 @@ def migrate(
     from vadsearch.storage import mask
 
     target = migration.default_target(target)
-    if grace_period < 0:
+    if grace_period is not None and grace_period < 0:
         raise ConfigError(f"--grace-period must be a number of seconds >= 0, got {grace_period}")
     for copied in migration.migrate(source, target, studies, grace_period):
         states = ", ".join(f"{n} {s.lower()}" for s, n in copied.states.items()) or "no trials"

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from vadsearch import failures
 from vadsearch.errors import ConfigError, StorageError
-from vadsearch.storage import GRACE_PERIOD_S, mask, open_storage, scrub, sqlite_path, study_lock
+from vadsearch.storage import mask, open_storage, scrub, sqlite_path, study_lock
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +52,13 @@ class MigratedStudy:
 
 
 def migrate(source_url: str, target_url: str, studies: Sequence[str] | None = None,
-            grace_period: float = GRACE_PERIOD_S) -> list[MigratedStudy]:
+            grace_period: float | None = None) -> list[MigratedStudy]:
     """Copy `studies` (default: every study of the source) from one storage to another.
 
     Raises `StorageError`, before anything is written, when a study is missing from the source or
-    already in the target, or has a trial whose heartbeat is younger than `grace_period`: a worker still
-    training it would finish it in the source alone, and a worker on the target train it again.
+    already in the target, or has a trial whose heartbeat is younger than `grace_period` (None: the
+    grace period its worker runs with): a worker still training it would finish it in the source alone,
+    and a worker on the target train it again.
     """
     import optuna
 
@@ -85,7 +86,7 @@ def migrate(source_url: str, target_url: str, studies: Sequence[str] | None = No
     return [_copy(source, target, name, target_url) for name in names]
 
 
-def _refuse_live_workers(source, names: Sequence[str], grace_period: float) -> None:
+def _refuse_live_workers(source, names: Sequence[str], grace_period: float | None) -> None:
     from vadsearch.report import live_trials
 
     live = live_trials(source, names, grace_period)
@@ -95,7 +96,7 @@ def _refuse_live_workers(source, names: Sequence[str], grace_period: float) -> N
         raise StorageError(
             f"trial {t['number']} of study {t['study']!r} is being trained ({heard}, worker {t['worker'] or '?'})"
             + (f", and {len(live) - 1} more" if len(live) > 1 else "") + ": stop the workers first, then migrate "
-            f"(a killed worker's trial counts as stopped {grace_period:g} s after its last heartbeat; "
+            f"(a killed worker's trial counts as stopped {t['grace_period_s']:g} s after its last heartbeat; "
             "--grace-period 0 if you know its worker is gone)")
 
 

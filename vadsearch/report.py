@@ -369,8 +369,7 @@ def status(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
                     "max_epochs": _max_epochs(t, spec),
                     "running_s": (now - t.datetime_start).total_seconds() if t.datetime_start else None,
                     "heartbeat_age_s": ages.get((name, t.number)),
-                    "stale": _stale(ages.get((name, t.number)), t, now,
-                                    t.user_attrs.get("grace_period_s", GRACE_PERIOD_S)),
+                    "stale": _stale(ages.get((name, t.number)), t, now, _grace(t)),
                 }
                 for t in trials
                 if t.state == TrialState.RUNNING
@@ -404,8 +403,7 @@ def gpu_peaks(trials: list[optuna.trial.FrozenTrial]) -> list[float]:
             if t.state == TrialState.COMPLETE and t.user_attrs.get("peak_gpu_mib")]
 
 
-def _stale(heartbeat_age: float | None, trial: FrozenTrial, now: datetime.datetime,
-           grace_period: float = GRACE_PERIOD_S) -> bool:
+def _stale(heartbeat_age: float | None, trial: FrozenTrial, now: datetime.datetime, grace_period: float) -> bool:
     # A trial that never sent a heartbeat is judged by its start, as workers judge it (`reconnect`).
     if heartbeat_age is None and trial.datetime_start is not None:
         heartbeat_age = (now - trial.datetime_start).total_seconds()
@@ -413,18 +411,25 @@ def _stale(heartbeat_age: float | None, trial: FrozenTrial, now: datetime.dateti
 
 
 def live_trials(storage: optuna.storages.BaseStorage, names: Sequence[str],
-                grace_period: float = GRACE_PERIOD_S) -> list[dict[str, Any]]:
+                grace_period: float | None = None) -> list[dict[str, Any]]:
     """The RUNNING trials of `names` whose heartbeat (or start, before the first) is younger than
-    `grace_period`: their workers are most likely still training them. A grace period of 0: none (the
-    caller knows every worker is gone; a heartbeat sent this very second must not count as younger)."""
-    if grace_period <= 0:
+    `grace_period`: their workers are most likely still training them. None: each trial's own worker's
+    grace period (`_grace`). 0: none (the caller knows every worker is gone; a heartbeat sent this very
+    second must not count as younger)."""
+    if grace_period is not None and grace_period <= 0:
         return []
     ages = _heartbeat_ages(storage)
     now = datetime.datetime.now()
     return [{"study": name, "number": t.number, "worker": t.user_attrs.get("worker"),
-             "heartbeat_age_s": ages.get((name, t.number))}
+             "heartbeat_age_s": ages.get((name, t.number)), "grace_period_s": grace}
             for name in names for t in _trials(_open(storage, name), (TrialState.RUNNING,))
-            if not _stale(ages.get((name, t.number)), t, now, grace_period)]
+            if not _stale(ages.get((name, t.number)), t, now,
+                          grace := _grace(t) if grace_period is None else grace_period)]
+
+
+def _grace(trial: FrozenTrial) -> float:
+    """The grace period of the worker that runs `trial`, recorded as it started; the default before."""
+    return trial.user_attrs.get("grace_period_s", GRACE_PERIOD_S)
 
 
 def _heartbeat_ages(storage: optuna.storages.BaseStorage) -> dict[tuple[str, int], float]:

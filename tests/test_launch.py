@@ -240,7 +240,8 @@ def test_a_killed_worker_fails_the_launch_only_if_the_study_is_left_unfinished(t
     result = launch(-9, 0)
     assert result.exit_code == 0 and result.stderr.strip() == (
         "note: worker(s) 0 (killed by SIGKILL) stopped; the other workers finished the study")
-    assert result.exit_code == 0 and "hidden_size" in result.stdout  # the leaderboard, as after any launch
+    # The leaderboard, then the best configuration with its test score, as after a worker finishes.
+    assert result.exit_code == 0 and "hidden_size" in result.stdout and "test.mse" in result.stdout
     result = launch(143, 0)  # stopped by SIGTERM: the worker exits 143 itself, its trial queued again
     assert result.exit_code == 0 and result.stderr.strip() == (
         "note: worker(s) 0 (stopped by SIGTERM) stopped; the other workers finished the study")

@@ -377,11 +377,22 @@ def worker(
         typer.echo(f"{what}: run the same command again to resume", err=True)
         raise typer.Exit(code)
     if summary.stopped == "finished":
-        study = reports.load(_open(storage), spec.name)
-        found = {k: v for k, v in reports.best(study).items() if k != "config"}  # says so if every trial failed
-        _show(reports.render(reports.leaderboard(study, top=10), "table"))
-        typer.echo("")
-        _show(reports.render(found, "table"))
+        _show_results(reports.load(_open(storage), spec.name), finished=True)
+
+
+def _show_results(study, finished: bool) -> None:
+    """The ten best configurations by dev, then the best one with its test score. `finished`: a study
+    without a completed trial says why (every trial failed, or pruned); else it shows nothing yet."""
+    from vadsearch import report as reports
+
+    board = reports.leaderboard(study, top=10)
+    if board.empty:
+        if finished:
+            reports.require_complete(study)
+        return
+    _show(reports.render(board, "table"))
+    typer.echo("")
+    _show(reports.render({k: v for k, v in reports.best(study).items() if k != "config"}, "table"))
 
 
 @app.command()
@@ -519,11 +530,7 @@ def launch(
             code, message = verdict
             typer.echo(message, err=True)
             raise typer.Exit(code)
-    study = reports.load(storage, spec.name)
-    board = reports.leaderboard(study, top=10)
-    if board.empty and timeout is None:
-        reports.require_complete(study)  # says so if every trial failed
-    _show(reports.render(board, "table"))
+    _show_results(reports.load(storage, spec.name), finished=timeout is None)
 
 
 def _say_stopped(log_dir: Path):

@@ -990,7 +990,7 @@ def reproduce(
     keep: KeepOpt = "best",
     vectors: Annotated[Optional[str], typer.Option(
         help="Word vectors of the LSTM study: a GloVe/word2vec text file. Default: its file's glove.6B.300d, "
-             "downloaded once (822 MB).")] = None,
+             "downloaded once (862 MB).")] = None,
     carry_best: Annotated[
         bool,
         typer.Option("--carry-best/--as-written", help="bert-cased and bert-freeze take the BERT grid's best batch "

@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 
 from helpers import synthetic_rows, write_csv
 from search_helpers import points_finished, write_study
+from vadsearch import interrupts
 from vadsearch.storage import open_storage
 
 pytestmark = pytest.mark.slow
@@ -148,14 +149,15 @@ def test_a_second_copy_of_ctrl_c_breaks_nothing(tmp_path, slow_csv, spawned, gap
     assert [t.state for t in study.trials].count(TrialState.WAITING) == 2
 
 
-def test_sigterm_to_a_worker_queues_its_trial_again_at_once(tmp_path, slow_csv, spawned):
-    # systemd's stop, Slurm's time limit, `docker stop`: before, the worker died at once and its trial stayed
-    # RUNNING until its heartbeat went stale.
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_sigterm_to_a_worker_queues_its_trial_again_at_once(tmp_path, slow_csv, spawned, signum):
+    # systemd's stop, Slurm's time limit, `docker stop`; SIGHUP: the terminal closed, the ssh session dropped.
+    # Before, the worker died at once and its trial stayed RUNNING until its heartbeat went stale.
     worker = worker_in_its_first_trial(tmp_path, slow_csv, "term1", spawned)
-    worker.send_signal(signal.SIGTERM)
+    worker.send_signal(signum)
     output = worker.communicate(timeout=120)[0]
-    assert worker.returncode == 128 + signal.SIGTERM, output
-    assert "stopped by SIGTERM: run the same command again to resume" in output and "Traceback" not in output
+    assert worker.returncode == 128 + signum, output
+    assert f"stopped by {signum.name}: run the same command again to resume" in output and "Traceback" not in output
     study = study_of(tmp_path, "term1")
     assert study.trials[0].state == TrialState.FAIL and study.trials[0].user_attrs["interrupted"] is True
     assert [t.state for t in study.trials].count(TrialState.WAITING) == 2
@@ -193,3 +195,18 @@ def test_sigterm_to_launch_stops_its_workers_and_the_study_resumes(tmp_path, slo
     predicted = subprocess.run([sys.executable, "-m", "vadsearch.cli", "predict", "term", "a happy day"],
                                cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert predicted.returncode == 0, predicted.stderr
+
+
+def test_a_hang_up_that_nohup_ignores_stays_ignored():
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with interrupts.handled():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN  # the worker outlives its terminal
+            assert signal.getsignal(signal.SIGTERM) == interrupts._handler
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with interrupts.handled():
+            assert signal.getsignal(signal.SIGHUP) == interrupts._handler
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, previous)

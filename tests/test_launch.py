@@ -245,6 +245,8 @@ def test_a_killed_worker_fails_the_launch_only_if_the_study_is_left_unfinished(t
     result = launch(143, 0)  # stopped by SIGTERM: the worker exits 143 itself, its trial queued again
     assert result.exit_code == 0 and result.stderr.strip() == (
         "note: worker(s) 0 (stopped by SIGTERM) stopped; the other workers finished the study")
+    result = launch(129, 0)  # its terminal hung up
+    assert result.exit_code == 0 and "worker(s) 0 (stopped by SIGHUP) stopped; the other" in result.stderr
     result = launch(1, 0)  # an error of its own fails the launch even so
     assert result.exit_code == 1 and "error: worker(s) 0 (exit code 1) stopped" in result.stderr
 

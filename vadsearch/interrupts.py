@@ -1,5 +1,6 @@
 """Ctrl-C (or SIGTERM) in a `worker` or `launch` process: acted on once, never lost, and a second copy
-breaks nothing. SIGTERM (systemd, Slurm's time limit, `docker stop`, `kill`) stops the work as Ctrl-C does.
+breaks nothing. SIGTERM (systemd, Slurm's time limit, `docker stop`, `kill`) stops the work as Ctrl-C does,
+and so does SIGHUP (the terminal closed, the ssh session dropped) unless it is ignored (`nohup`).
 
 Python raises KeyboardInterrupt wherever the main thread is when SIGINT arrives, which fails two ways:
 
@@ -35,7 +36,7 @@ def _handler(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def stopped() -> tuple[str, int]:
@@ -53,16 +54,18 @@ def check() -> None:
 
 @contextlib.contextmanager
 def handled():
-    """Within: SIGINT and SIGTERM raise KeyboardInterrupt once, as described above."""
+    """Within: SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt once, as described above."""
     global _first, _active
     _first = None
-    previous = {signum: signal.signal(signum, _handler) for signum in STOP_SIGNALS}
+    # Under `nohup` a hang-up is ignored on purpose: the worker outlives its terminal.
+    caught = [s for s in STOP_SIGNALS if not (s == signal.SIGHUP and signal.getsignal(s) == signal.SIG_IGN)]
+    previous = {signum: signal.signal(signum, _handler) for signum in caught}
     _active = True
     try:
         yield
     finally:
         _active = False
-        for signum in STOP_SIGNALS:
+        for signum in caught:
             # Stopping on a signal: a late copy must not break the exit (at shutdown Python puts the default
             # action back for a handler of its own, and a copy then kills the process: exit -2, not 130).
             signal.signal(signum, signal.SIG_IGN if _first is not None else previous[signum])

@@ -146,9 +146,9 @@ def _stop(processes: list[subprocess.Popen]) -> None:
 
 
 def stopped_from_outside(code: int) -> bool:
-    """Killed by a signal, or stopped by SIGINT or SIGTERM (a worker then exits 130 or 143 itself): the
-    worker's own work did not fail."""
-    return code < 0 or code in (128 + signal.SIGINT, 128 + signal.SIGTERM)
+    """Killed by a signal, or stopped by SIGINT, SIGTERM or SIGHUP (a worker then exits 128 + its number
+    itself): the worker's own work did not fail."""
+    return code < 0 or code in (128 + s for s in interrupts.STOP_SIGNALS)
 
 
 def sort_exits(codes: list[int]) -> tuple[list[int], list[int]]:

@@ -37,6 +37,23 @@ def test_worker_prints_the_leaderboard_and_best_trial(finished):
     assert "param.hidden_size" in finished.output and "test.mse" in finished.output
 
 
+def test_ctrl_c_while_the_worker_checks_its_input_says_how_to_resume(tmp_path, tiny_csv, monkeypatch):
+    # Pressed in the first seconds (word vectors, encoders, the corpus checked), it exited 130 in silence.
+    import vadsearch.worker
+
+    monkeypatch.chdir(tmp_path)
+    study_file = write_study(tmp_path / "tiny.toml", name="tiny", data=tiny_csv, search="hidden_size = [4, 8]")
+
+    def pressed(configs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vadsearch.worker, "check_models", pressed)
+    result = invoke("worker", str(study_file), "--device", "cpu", "-q")
+    assert result.exit_code == 130
+    assert result.stdout == "worker stopped (interrupted): ran 0 trial(s): none\n"
+    assert result.stderr == "interrupted: run the same command again to resume\n"
+
+
 @pytest.mark.parametrize("fmt", ["table", "markdown", "csv", "json"])
 def test_report_formats(finished, fmt):
     result = invoke("report", "tiny", "--format", fmt)

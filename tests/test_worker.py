@@ -308,14 +308,13 @@ def test_a_study_left_undescribed_by_its_creator_is_described_by_the_next_worker
         raise KeyboardInterrupt
 
     monkeypatch.setattr(optuna.Study, "set_user_attr", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        Worker(spec, options).run()
+    assert Worker(spec, options).run().stopped == "interrupted"
     monkeypatch.setattr(optuna.Study, "set_user_attr", real)
     assert "vadsearch" not in load(options).user_attrs
 
     changed, _ = setup("hidden_size = [4, 16]\nlr = [0.001, 0.01]")
     Worker(spec, dataclasses.replace(options, n_trials=0)).run()
-    with pytest.raises(StudyFileError, match=r"other settings \(\[search\] hidden_size differs\)"):
+    with pytest.raises(StudyFileError, match=r"other settings \(\[search\] hidden_size was \[4, 8\], now \[4, 16\]\)"):
         Worker(changed, options).run()
     assert Worker(spec, options).run().stopped == "finished"
     assert sorted(points_finished(load(options))) == sorted(point_key(p) for p in spec.grid())
@@ -326,9 +325,13 @@ def test_joining_with_another_search_space_or_other_data_is_refused_before_any_w
     Worker(spec, WorkerOptions(**{**options.__dict__, "n_trials": 1})).run()
     before = len(load(options).trials)
 
-    changed, _ = setup("hidden_size = [4, 16]\nlr = [0.001, 0.01]")
-    with pytest.raises(StudyFileError, match=r"other settings \(\[search\] hidden_size differs\)"):
-        Worker(changed, options).run()
+    # Each axis that differs, stored and now, as a study file writes it: "use the original file" days later.
+    for search, said in [("hidden_size = [4, 16]\nlr = [0.001, 0.01]", "[search] hidden_size was [4, 8], now [4, 16])"),
+                         ("hidden_size = [8, 4]\nlr = [0.001, 0.01]",
+                          "[search] hidden_size was [4, 8], now [8, 4] (the same values in another order))")]:
+        changed, _ = setup(search)
+        with pytest.raises(StudyFileError, match=re.escape(f"other settings ({said}")):
+            Worker(changed, options).run()
     # A smoke run's budget is no study's budget: its finished trials would count as the real ones.
     for train, said in [({"max_epochs": 3}, "[train] max_epochs was 2, now 3"),
                         ({"patience": 1, "dropout": 0.3}, "[train] dropout was 0.1, now 0.3; "
@@ -767,3 +770,13 @@ def test_optuna_says_nothing_of_a_trial_that_ctrl_c_stopped():
              "Trial 13 failed with parameters: {'lr': 0.1} because of the following error: ValueError('x').",
              "Trial 13 failed with value None.", "Trial 14 finished with value: 0.1"]
     assert [quiet.filter(record(line)) for line in lines] == [False, False, True, True, True]
+
+
+def test_a_changed_range_axis_reads_as_the_study_file_writes_it():
+    from vadsearch.studyfile import Param
+    from vadsearch.worker import _changes
+
+    was = {"sampler": "tpe", "space": [Param("lr", low=1e-4, high=1e-2, log=True).to_dict()]}
+    now = {"sampler": "tpe", "space": [Param("lr", low=1e-4, high=3e-2, log=True).to_dict()]}
+    assert _changes(was, now) == ["[search] lr was { low = 0.0001, high = 0.01, log = true }, "
+                                  "now { low = 0.0001, high = 0.03, log = true }"]

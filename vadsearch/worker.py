@@ -350,14 +350,33 @@ def _changes(stored: dict[str, Any], ours: dict[str, Any], shown: int = 3) -> li
     axes = [{p["name"]: p for p in d.get("space") or []} for d in (stored, ours)]
     for name in sorted(axes[0].keys() | axes[1].keys()):
         was, now = (a.get(name) for a in axes)
-        if was != now:
-            found.append(f"[search] {name} {'is new' if was is None else 'is gone' if now is None else 'differs'}")
+        if was is None or now is None:
+            found.append(f"[search] {name} {'is new' if was is None else 'is gone'}")
+        elif was != now:
+            # Optuna keeps a categorical axis's choices in order: the same values reordered are another axis.
+            same = _sorted_choices(was)
+            reordered = " (the same values in another order)" if same and same == _sorted_choices(now) else ""
+            found.append(f"[search] {name} was {_axis_words(was)}, now {_axis_words(now)}{reordered}")
     bases = [d.get("base") or {} for d in (stored, ours)]
     decisive = _decisive(stored, ours)
     for key in sorted((bases[0].keys() | bases[1].keys()) & decisive):
         if bases[0].get(key) != bases[1].get(key):
             found.append(f"[train] {key} was {bases[0].get(key)!r}, now {bases[1].get(key)!r}")
     return found[:shown] + ([f"{len(found) - shown} more"] if len(found) > shown else [])
+
+
+def _axis_words(axis: dict[str, Any]) -> str:
+    """A stored axis as the study file writes it: `[8, 16]`, `{ low = 0.0001, high = 0.01, log = true }`."""
+    if axis.get("kind") == "categorical":
+        return json.dumps(axis.get("choices"))
+    extra = {key: axis.get(key) for key in ("step", "log") if axis.get(key)}
+    fields = {"low": axis.get("low"), "high": axis.get("high"), **extra}
+    return "{ " + ", ".join(f"{key} = {json.dumps(value)}" for key, value in fields.items()) + " }"
+
+
+def _sorted_choices(axis: dict[str, Any]) -> list[str] | None:
+    choices = axis.get("choices") if axis.get("kind") == "categorical" else None
+    return None if choices is None else sorted(json.dumps(c) for c in choices)
 
 
 def _decisive(*descriptions: dict[str, Any]) -> set[str]:
@@ -458,6 +477,22 @@ class Worker:
 
     # --- the loop ----------------------------------------------------------------------------------
     def run(self) -> WorkerSummary:
+        try:
+            study = self._start()
+        except KeyboardInterrupt:  # before any trial: nothing to queue again, and the same words as after one
+            self.summary.stopped = "interrupted"
+            return self.summary
+        started = time.monotonic()
+        try:
+            self.summary.stopped = self._loop(study, started)
+        except KeyboardInterrupt:
+            self.summary.stopped = "interrupted"
+            self._interrupt_own_trials(study)
+            reconcile(study, self.spec, self.options.max_stale_retries)  # requeue the trial Ctrl-C stopped
+        return self.summary
+
+    def _start(self) -> optuna.Study:
+        """Check everything, open the storage, create or join the study."""
         import optuna
 
         self.preflight()
@@ -484,14 +519,7 @@ class Worker:
             self._samplers = (self.spec.make_sampler(stream),
                               optuna.samplers.RandomSampler(seed=self.spec.stream_seed(f"{stream}:random")))
         log.info("worker %s on study %s (%s), device %s", self.name, self.spec.name, mask(storage.url), self._device)
-        started = time.monotonic()
-        try:
-            self.summary.stopped = self._loop(study, started)
-        except KeyboardInterrupt:
-            self.summary.stopped = "interrupted"
-            self._interrupt_own_trials(study)
-            reconcile(study, self.spec, opts.max_stale_retries)  # requeue the trial Ctrl-C stopped
-        return self.summary
+        return study
 
     def _interrupt_own_trials(self, study: optuna.Study) -> None:
         """Fail as interrupted this worker's trials that are still RUNNING: one Ctrl-C stopped between its

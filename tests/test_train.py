@@ -116,6 +116,8 @@ def test_resume_is_exact(tiny_corpus: Corpus, tmp_path: Path, uninterrupted: Run
     resumed = _run(TINY_LSTM, tiny_corpus, tmp_path, on_epoch=lambda e: seen.append((e.epoch, e.restored)))
     assert resumed.resumed_from == 2
     assert seen == [(1, True), (2, True), (3, False), (4, False)]
+    # The configuration's time, the restored epochs' included: not only the part this call trained.
+    assert resumed.seconds >= sum(e.seconds for e in resumed.history) > sum(e.seconds for e in resumed.history[2:])
     assert _epochs(resumed) == _epochs(uninterrupted)  # ==, not approx: same batches, RNG and state
     assert resumed.best_epoch == uninterrupted.best_epoch
     assert resumed.dev.as_dict() == uninterrupted.dev.as_dict()

@@ -47,7 +47,7 @@ class RunResult:
     trainable_params: int = 0
     total_params: int = 0
     trainable_names: tuple[str, ...] = field(default=(), repr=False)
-    seconds: float = 0.0
+    seconds: float = 0.0  # this call's wall time, plus the seconds of the epochs restored from a checkpoint
     peak_gpu_mib: float | None = None  # the most GPU memory this process held while training; None off CUDA
 
     def as_dict(self) -> dict[str, Any]:

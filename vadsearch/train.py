@@ -233,6 +233,7 @@ def train(
     device: str = "auto",
     on_epoch: EpochCallback | None = None,
     progress: bool = False,
+    on_resume: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Train `config` on `corpus`, resuming from the checkpoints in `run_dir` when there are any.
 
@@ -240,7 +241,8 @@ def train(
     checkpoint is on disk (between the next epoch's steps, or at the end), so an exception it raises
     (a pruned trial, Ctrl-C) leaves the run resumable from that epoch, and no reported epoch is ever
     lost. Epochs restored from a checkpoint are passed to it first (with `restored=True`), so a caller
-    that records per-epoch values loses none.
+    that records per-epoch values loses none. `on_resume(n)` follows them when n > 0 epochs were restored:
+    said at once, not when the next epoch (minutes of BERT) ends.
     """
     if config.model == "baseline":
         raise ValueError("the constant baseline trains nothing: fit it with vadsearch.fit.fit")
@@ -251,7 +253,7 @@ def train(
     reset_peak(dev_device)  # a worker trains one trial after another in one process
     # With several workers on one GPU, running out of memory may be the card's fault, not the trial's.
     with blamed(dev_device):
-        return _train_on(dev_device, config, corpus, run_dir, on_epoch, progress, started)
+        return _train_on(dev_device, config, corpus, run_dir, on_epoch, progress, started, on_resume)
 
 
 def _train_on(
@@ -262,6 +264,7 @@ def _train_on(
     on_epoch: EpochCallback | None,
     progress: bool,
     started: float,
+    on_resume: Callable[[int], None] | None = None,
 ) -> RunResult:
     seed_everything(config.seed)
     encoded = encode_corpus(config, corpus)
@@ -290,6 +293,8 @@ def _train_on(
     for restored in run.history:
         if on_epoch:
             on_epoch(dataclasses.replace(restored, restored=True))
+    if on_resume and resumed_from:
+        on_resume(resumed_from)
 
     writer = BackgroundWriter(directory) if directory else None
     try:
@@ -317,6 +322,7 @@ def _train_on(
         trainable_params=n_trainable,
         total_params=n_total,
         trainable_names=tuple(names),
-        seconds=time.perf_counter() - started,
+        # The restored epochs' own seconds too: a run resumed after Ctrl-C took all of them.
+        seconds=time.perf_counter() - started + sum(e.seconds for e in run.history[:resumed_from]),
         peak_gpu_mib=peak_mib(dev_device),
     )

@@ -158,12 +158,29 @@ def test_ctrl_c_leaves_the_trial_resumable_without_spending_a_retry(setup, monke
     assert resumed.user_attrs["resumed_from"] == 2  # continued from its epoch-2 checkpoint
     assert sorted(resumed.intermediate_values) == [1, 2, 3]  # restored epochs reported, none lost
 
-    # The worker's log says where the trial resumed and shows the epoch it trained, not the restored ones.
+    # The worker's log says where the trial resumed, before the epoch it trains (a BERT epoch takes minutes),
+    # and shows that epoch, not the restored ones.
     lines = [r.getMessage() for r in caplog.records if r.name == "vadsearch.worker"]
-    assert "trial 1: resumed from its epoch-2 checkpoint" in lines
     epochs = [line for line in lines if line.startswith("trial 1: epoch")]
     assert len(epochs) == 1 and epochs[0].startswith("trial 1: epoch 3/3  loss ")
+    assert lines.index("trial 1: resumed from its epoch-2 checkpoint") == lines.index(epochs[0]) - 1
     assert f"dev {resumed.intermediate_values[3]:.4f}" in epochs[0]
+
+
+def test_a_trial_stopped_after_its_last_epoch_says_it_resumed(setup, monkeypatch, caplog):
+    # Stopped while it scored the test split: the retry trains nothing, and said nothing of where it began.
+    spec, options = setup('hidden_size = [4]\n', max_epochs=2)
+    real_train = vadsearch.train.train
+    synchronous_checkpoints(monkeypatch)
+    monkeypatch.setattr(vadsearch.train, "train", ctrl_c_after_epoch(2))
+    assert Worker(spec, options).run().stopped == "interrupted"
+    monkeypatch.setattr(vadsearch.train, "train", real_train)
+    caplog.set_level(logging.INFO, logger="vadsearch.worker")
+    assert Worker(spec, options).run().stopped == "finished"
+    lines = [r.getMessage() for r in caplog.records if r.name == "vadsearch.worker"]
+    assert "trial 1: resumed from its epoch-2 checkpoint" in lines
+    assert not [line for line in lines if line.startswith("trial 1: epoch")]
+    assert load(options).trials[1].user_attrs["resumed_from"] == 2
 
 
 def test_ctrl_c_before_the_first_heartbeat_still_requeues_the_trial(setup, monkeypatch):

@@ -108,8 +108,9 @@ FormatOpt = Annotated[str, typer.Option("--format", "-f", help="table, markdown,
 StudyArg = Annotated[str, typer.Argument(help="Study name, or the study file that defines it.")]
 KeepOpt = Annotated[
     str,
-    typer.Option("--keep", help="What a completed trial leaves on disk: all (epoch checkpoints too), best (its best "
-                                "weights) or study-best (only the study's best trial's weights)."),
+    typer.Option("--keep", help="What a completed trial leaves on disk: all (its newest two epoch checkpoints too, "
+                                "enough to train it further), best (its best weights) or study-best (only the "
+                                "study's best trial's weights)."),
 ]
 
 

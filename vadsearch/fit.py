@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 def fit(config: TrainConfig, corpus: Corpus, **training: Any) -> RunResult:
-    """`training` (run_dir, device, on_epoch, progress) goes to `train.train`; a baseline only checks the
+    """`training` (run_dir, device, on_epoch, progress, on_resume) goes to `train.train`; a baseline only checks the
     device's name."""
     if config.model == "baseline":
         check_device(training.get("device", "auto"))

@@ -4,7 +4,8 @@ A run directory holds epoch checkpoints (`epoch-*.pt`: model, optimizer, schedul
 needed to resume) and best weights (`best-*.pt`: the weights of the best epoch with the config and
 vocabulary, enough to predict and export). A completed or pruned configuration is never resumed, so:
 
-- `all`: everything stays (the run can still be continued by hand with `vadsearch train --checkpoint-dir`);
+- `all`: the run directory stays as training left it: its newest two epoch checkpoints (training keeps
+  no more) and best weights, so the run can still be continued by hand with `vadsearch train --checkpoint-dir`;
 - `best` (the default): a completed or pruned trial's epoch checkpoints go; its best weights stay, so any
   finished trial can still be predicted with or exported;
 - `study-best`: as `best`, and the weights of every other completed (or pruned) trial of the study go too,

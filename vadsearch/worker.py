@@ -687,20 +687,16 @@ class Worker:
             set_user_attrs(trial, unwritten)
         log.info("trial %d: %s", trial.number, point_key(params))
 
-        restored = best = 0
+        best = 0
 
         def on_epoch(epoch) -> None:
-            nonlocal restored, best
+            nonlocal best
             trial.report(epoch.dev.mse, epoch.epoch)  # its step is the epoch count `status` shows
             interrupts.check()  # a Ctrl-C that a finalizer swallowed during the epoch stops the trial here
             best = epoch.epoch if epoch.best else best
-            if epoch.restored:
-                restored += 1
-            else:
-                if epoch.epoch == restored + 1:
-                    trial.set_user_attr("resumed_from", restored)  # known now, not only if the trial finishes
-                    if restored:
-                        log.info("trial %d: resumed from its epoch-%d checkpoint", trial.number, restored)
+            if not epoch.restored:
+                if epoch.epoch == 1:
+                    trial.set_user_attr("resumed_from", 0)  # known now, not only if the trial finishes
                 # A worker's log (launch writes one per worker) shows how each trial is going, epoch by epoch.
                 log.info("trial %d: epoch %d/%d  loss %.4f  dev %.4f%s  %.1f s", trial.number, epoch.epoch,
                          config.max_epochs, epoch.train_loss, epoch.dev.mse, "  best" if epoch.best else "",
@@ -713,9 +709,13 @@ class Worker:
             if not last and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch.epoch} (dev {epoch.dev.mse:.4f})")
 
+        def on_resume(epochs: int) -> None:
+            trial.set_user_attr("resumed_from", epochs)
+            log.info("trial %d: resumed from its epoch-%d checkpoint", trial.number, epochs)
+
         try:
             result = fit(config, self._corpus, run_dir=run_dir, device=self.options.device,
-                         on_epoch=on_epoch, progress=self.options.progress)
+                         on_epoch=on_epoch, on_resume=on_resume, progress=self.options.progress)
             self._record_result(trial, result, len(self._corpus.train))
         except optuna.TrialPruned:
             self._outcome.state = "PRUNED"

@@ -167,6 +167,25 @@ def test_ctrl_c_leaves_the_trial_resumable_without_spending_a_retry(setup, monke
     assert f"dev {resumed.intermediate_values[3]:.4f}" in epochs[0]
 
 
+def test_an_interrupted_configuration_resumes_before_the_untouched_ones(setup, monkeypatch):
+    # Stopped every evening, a grid resumed yesterday's configuration last: queued again behind all the
+    # others, while its checkpoints waited on disk and each evening began another.
+    spec, options = setup("hidden_size = [4, 8, 16]\n", max_epochs=2)
+    real_train = vadsearch.train.train
+    synchronous_checkpoints(monkeypatch)
+    monkeypatch.setattr(vadsearch.train, "train", ctrl_c_after_epoch(1))
+    assert Worker(spec, options).run().stopped == "interrupted"
+    before = load(options).trials
+    assert [t.state for t in before] == [TrialState.FAIL] + [TrialState.WAITING] * 3
+    monkeypatch.setattr(vadsearch.train, "train", real_train)
+    summary = Worker(spec, dataclasses.replace(options, n_trials=1)).run()
+    assert summary.trials == [3]  # the requeued one, not trial 1
+    trial = load(options).trials[3]
+    assert trial.params == before[0].params and trial.user_attrs["resumed_from"] == 1
+    assert Worker(spec, options).run().stopped == "finished"
+    assert sorted(points_finished(load(options)).values()) == [1, 1, 1]
+
+
 def test_a_trial_stopped_after_its_last_epoch_says_it_resumed(setup, monkeypatch, caplog):
     # Stopped while it scored the test split: the retry trains nothing, and said nothing of where it began.
     spec, options = setup('hidden_size = [4]\n', max_epochs=2)

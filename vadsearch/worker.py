@@ -251,6 +251,33 @@ def open_study(
     return study
 
 
+def resume_first(study: optuna.Study) -> None:
+    """Make `study` take, of its waiting trials, first those whose configuration already trained epochs (a
+    trial stopped by Ctrl-C, or taken over from a dead worker, queued again): Optuna takes the oldest, and a
+    configuration requeued behind a 72-point grid resumed last, its checkpoints idle on disk meanwhile."""
+    import types
+
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    def pop(self: optuna.Study) -> int | None:  # Optuna's Study._pop_waiting_trial_id, in another order
+        storage = self._storage
+        waiting = storage.get_all_trials(self._study_id, deepcopy=False, states=(TrialState.WAITING,))
+        if not waiting:
+            return None
+        begun = {t.user_attrs.get("point") for t in storage.get_all_trials(
+            self._study_id, deepcopy=False, states=(TrialState.FAIL,)) if t.intermediate_values}
+        for trial in sorted(waiting, key=lambda t: t.user_attrs.get("point") not in begun):  # stable: by number
+            try:
+                if storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
+                    return trial._trial_id
+            except UpdateFinishedTrialError:
+                pass  # another worker took it and finished it meanwhile
+        return None
+
+    study._pop_waiting_trial_id = types.MethodType(pop, study)
+
+
 JOINED_ATTR = "workers_joined"
 
 
@@ -511,6 +538,7 @@ class Worker:
         storage.on_start = self._start_attrs
         storage.queue_only = self.spec.sampler == "grid"  # a grid samples nothing: it runs queued points
         study = open_study(self.spec, storage, opts.max_stale_retries, self._corpus)
+        resume_first(study)
         self._samplers = (study.sampler, study.sampler)  # a grid samples nothing: it runs queued points
         if self.spec.sampler != "grid":
             # A stream of the study's seed for this worker alone (see StudySpec.make_sampler), numbered by

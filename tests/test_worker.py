@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import logging
 import re
 from datetime import datetime, timedelta, timezone
@@ -140,6 +141,15 @@ def ctrl_c_after_epoch(last: int):
     return interrupted
 
 
+def interrupt_after(epoch: int, spec, options, monkeypatch) -> None:
+    """Run a worker whose first trial is stopped by Ctrl-C right after `epoch` (its checkpoint written)."""
+    real_train = vadsearch.train.train
+    synchronous_checkpoints(monkeypatch)
+    monkeypatch.setattr(vadsearch.train, "train", ctrl_c_after_epoch(epoch))
+    assert Worker(spec, options).run().stopped == "interrupted"
+    monkeypatch.setattr(vadsearch.train, "train", real_train)
+
+
 def test_ctrl_c_leaves_the_trial_resumable_without_spending_a_retry(setup, monkeypatch, caplog):
     spec, options = setup('hidden_size = [4]\n', max_epochs=3, study="max_retries = 0")
     real_train = vadsearch.train.train
@@ -164,6 +174,7 @@ def test_ctrl_c_leaves_the_trial_resumable_without_spending_a_retry(setup, monke
     epochs = [line for line in lines if line.startswith("trial 1: epoch")]
     assert len(epochs) == 1 and epochs[0].startswith("trial 1: epoch 3/3  loss ")
     assert lines.index("trial 1: resumed from its epoch-2 checkpoint") == lines.index(epochs[0]) - 1
+    assert not [line for line in caplog.messages if "holds no checkpoint" in line]
     assert f"dev {resumed.intermediate_values[3]:.4f}" in epochs[0]
 
 
@@ -171,13 +182,9 @@ def test_an_interrupted_configuration_resumes_before_the_untouched_ones(setup, m
     # Stopped every evening, a grid resumed yesterday's configuration last: queued again behind all the
     # others, while its checkpoints waited on disk and each evening began another.
     spec, options = setup("hidden_size = [4, 8, 16]\n", max_epochs=2)
-    real_train = vadsearch.train.train
-    synchronous_checkpoints(monkeypatch)
-    monkeypatch.setattr(vadsearch.train, "train", ctrl_c_after_epoch(1))
-    assert Worker(spec, options).run().stopped == "interrupted"
+    interrupt_after(1, spec, options, monkeypatch)
     before = load(options).trials
     assert [t.state for t in before] == [TrialState.FAIL] + [TrialState.WAITING] * 3
-    monkeypatch.setattr(vadsearch.train, "train", real_train)
     summary = Worker(spec, dataclasses.replace(options, n_trials=1)).run()
     assert summary.trials == [3]  # the requeued one, not trial 1
     trial = load(options).trials[3]
@@ -186,14 +193,55 @@ def test_an_interrupted_configuration_resumes_before_the_untouched_ones(setup, m
     assert sorted(points_finished(load(options)).values()) == [1, 1, 1]
 
 
+def test_a_worker_whose_artifacts_lack_the_checkpoints_of_a_begun_configuration_says_so(setup, monkeypatch,
+                                                                                         caplog, tmp_path):
+    # Run from another directory (a relative --artifacts), or with another --artifacts: it trained the
+    # configuration again from epoch 1 without a word, the first worker's checkpoints left on disk.
+    spec, options = setup('hidden_size = [4]\n', max_epochs=3)
+    interrupt_after(2, spec, options, monkeypatch)
+    caplog.set_level(logging.WARNING, logger="vadsearch.worker")
+    elsewhere = dataclasses.replace(options, artifacts=tmp_path / "elsewhere")
+    assert Worker(spec, elsewhere).run().stopped == "finished"
+    [said] = [line for line in caplog.messages if "holds no checkpoint" in line]
+    assert said.startswith(f"trial 1: trial 0 of this configuration trained 2 epoch(s), but {tmp_path}/elsewhere/s/")
+    assert f"(it wrote them to {tmp_path}/art/s/" in said and "training starts over" in said
+    assert load(options).trials[1].user_attrs["resumed_from"] == 0
+
+
+def test_a_study_of_the_same_name_in_another_database_cannot_take_over_its_checkpoints(setup, monkeypatch,
+                                                                                      tmp_path):
+    # $VADSEARCH_STORAGE forgotten in a new shell: a new study resumed from the first one's checkpoints,
+    # then its retention deleted them, and the first study's retry trained from epoch 1 again.
+    spec, options = setup('hidden_size = [4]\n', max_epochs=3)
+    interrupt_after(2, spec, options, monkeypatch)
+    checkpoints = sorted(p.name for p in (tmp_path / "art" / "s").glob("*/*.pt"))
+    other = dataclasses.replace(options, storage=f"sqlite:///{tmp_path}/other.db")
+    with pytest.raises(StudyFileError, match=rf"^{tmp_path}/art/s holds the checkpoints of another study named 's' "
+                                             rf"\(in sqlite:///{tmp_path}/s.db\), not the one in sqlite:///"
+                                             rf"{tmp_path}/other.db: pass that --storage, another --artifacts"):
+        Worker(spec, other).run()
+    assert sorted(p.name for p in (tmp_path / "art" / "s").glob("*/*.pt")) == checkpoints
+    with pytest.raises(KeyError):
+        load(other)  # refused before the study was made there
+    # `launch` says so before its workers start (each would fail alone: "see logs").
+    from typer.testing import CliRunner
+
+    from vadsearch.cli import app
+
+    result = CliRunner().invoke(app, ["launch", str(spec.path), "--storage", other.storage, "--artifacts",
+                                      str(tmp_path / "art"), "--device", "cpu", "--log-dir", str(tmp_path / "logs")])
+    assert result.exit_code == 2 and "holds the checkpoints of another study named 's'" in result.stderr
+    assert not (tmp_path / "logs").exists()
+    # With its own artifact directory it runs; the first study resumes from its own checkpoints.
+    assert Worker(spec, dataclasses.replace(other, artifacts=tmp_path / "art2")).run().stopped == "finished"
+    assert Worker(spec, options).run().stopped == "finished"
+    assert load(options).trials[1].user_attrs["resumed_from"] == 2
+
+
 def test_a_trial_stopped_after_its_last_epoch_says_it_resumed(setup, monkeypatch, caplog):
     # Stopped while it scored the test split: the retry trains nothing, and said nothing of where it began.
     spec, options = setup('hidden_size = [4]\n', max_epochs=2)
-    real_train = vadsearch.train.train
-    synchronous_checkpoints(monkeypatch)
-    monkeypatch.setattr(vadsearch.train, "train", ctrl_c_after_epoch(2))
-    assert Worker(spec, options).run().stopped == "interrupted"
-    monkeypatch.setattr(vadsearch.train, "train", real_train)
+    interrupt_after(2, spec, options, monkeypatch)
     caplog.set_level(logging.INFO, logger="vadsearch.worker")
     assert Worker(spec, options).run().stopped == "finished"
     lines = [r.getMessage() for r in caplog.records if r.name == "vadsearch.worker"]
@@ -436,7 +484,7 @@ def test_a_damaged_checkpoint_is_reported_once_and_the_trial_falls_back(setup, m
     monkeypatch.setattr(vadsearch.train, "train", ctrl_c_after_epoch(2))
     Worker(spec, options).run()
     monkeypatch.setattr(vadsearch.train, "train", real_train)
-    run_dir = next((tmp_path / "art" / "s").iterdir())
+    [run_dir] = [p for p in (tmp_path / "art" / "s").iterdir() if p.is_dir()]
     newest = run_dir / "epoch-0002.pt"
     if damage == "truncated":
         newest.write_bytes(newest.read_bytes()[:100])
@@ -816,3 +864,30 @@ def test_a_changed_range_axis_reads_as_the_study_file_writes_it():
     now = {"sampler": "tpe", "space": [Param("lr", low=1e-4, high=3e-2, log=True).to_dict()]}
     assert _changes(was, now) == ["[search] lr was { low = 0.0001, high = 0.01, log = true }, "
                                   "now { low = 0.0001, high = 0.03, log = true }"]
+
+
+def test_the_artifact_marker_that_cannot_be_written_is_one_line_and_a_damaged_one_is_rewritten(setup, tmp_path):
+    import os
+
+    from vadsearch.errors import CheckpointError
+
+    spec, options = setup('hidden_size = [4]\n', max_epochs=1)
+    marker = tmp_path / "art" / "s" / ".study-id"
+    (tmp_path / "art" / "s" / f".study-id.{os.getpid()}.tmp").mkdir(parents=True)  # the write fails there
+    with pytest.raises(CheckpointError, match=rf"^cannot write {marker}: .*; free disk space or fix its permissions"):
+        Worker(spec, options).run()
+    (tmp_path / "art" / "s" / f".study-id.{os.getpid()}.tmp").rmdir()
+    marker.write_text("{not json")  # cut short by a crash, say: nothing to go by, so it is written anew
+    assert Worker(spec, options).run().stopped == "finished"
+    assert json.loads(marker.read_text())["id"] == load(options).user_attrs["vadsearch_id"]
+
+
+def test_a_study_made_anew_in_a_deleted_database_does_not_resume_the_old_checkpoints(setup, monkeypatch, tmp_path):
+    spec, options = setup('hidden_size = [4]\n', max_epochs=3)
+    interrupt_after(2, spec, options, monkeypatch)
+    (tmp_path / "s.db").unlink()  # "start over", the artifacts kept
+    with pytest.raises(StudyFileError, match=rf"^{tmp_path}/art/s holds the checkpoints of an earlier study named "
+                                             rf"'s' in sqlite:///{tmp_path}/s.db, since deleted: remove "):
+        Worker(spec, options).run()
+    shutil.rmtree(tmp_path / "art" / "s")
+    assert Worker(spec, options).run().stopped == "finished"

@@ -93,6 +93,10 @@ class RunDirectory:
         found = [(int(m[2]), p) for p in self.path.iterdir() if (m := _NAME.match(p.name)) and m[1] == kind]
         return sorted(found, reverse=True)
 
+    def has_checkpoint(self) -> bool:
+        """Whether an epoch checkpoint is here to resume from (read without loading torch)."""
+        return bool(self._files("epoch"))
+
     def save(self, state: dict[str, Any], best_model: dict[str, torch.Tensor] | None, previous_best: int) -> None:
         """Write the checkpoint of `state["epoch"]`; `best_model` when this epoch is a new best.
 

@@ -478,7 +478,8 @@ def launch(
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     # Data that cannot be read, a mistyped or unreachable database, a study file the stored study does not
     # admit: one line here, not "worker(s) 0, 1 stopped; see logs" after every worker has failed on it alone.
-    from vadsearch.worker import WorkerOptions, check_artifacts, check_models, check_study, study_corpus
+    from vadsearch.worker import (WorkerOptions, check_artifacts, check_models, check_study,
+                                  refuse_others_artifacts, study_corpus)
 
     WorkerOptions(timeout=timeout, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                   db_outage_limit=db_timeout)  # the workers' options, as each worker would check them
@@ -486,7 +487,9 @@ def launch(
     # Vectors and encoders: missing, each worker failed on its own ("see logs"); named and not yet downloaded,
     # every worker downloaded them at once.
     check_models(spec.checked_configs())
-    check_study(spec, open_storage(url), corpus)  # opening makes the (SQLite) file a worker would make
+    opened = open_storage(url)  # makes the (SQLite) file a worker would make
+    check_study(spec, opened, corpus)
+    refuse_others_artifacts(artifacts, spec.name, opened)
     check_artifacts(artifacts, spec)  # the last checks make what they check
     writable_dir(log_dir, "the log directory", advice="pass another --log-dir")
     with mps_daemon(gpu_list, log_dir) if mps else contextlib.nullcontext(({}, False)) as (mps_env, renumbered):

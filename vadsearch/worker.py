@@ -21,6 +21,7 @@ after the configuration's fingerprint, not after the trial.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -348,6 +349,73 @@ def check_artifacts(root: Path, spec: StudySpec) -> None:
                  "fix its permissions or free space, or pass --artifacts DIR")
 
 
+STUDY_ID_ATTR = "vadsearch_id"
+ARTIFACTS_MARKER = ".study-id"
+
+
+def claim_artifacts(root: Path, study: optuna.Study, storage: optuna.storages.RDBStorage) -> None:
+    """Tie `root/<study name>` to this study. Run directories are named by study and configuration, so a
+    study of the same name in another database (another --storage, or $VADSEARCH_STORAGE forgotten in a
+    new shell) resumed from this one's checkpoints, then its retention deleted them."""
+    import uuid
+
+    with study_lock(storage, study.study_name):
+        ident = study.user_attrs.get(STUDY_ID_ATTR)
+        if ident is None:  # new, or made before studies had one: copies (`migrate`) keep it
+            ident = uuid.uuid4().hex
+            study.set_user_attr(STUDY_ID_ATTR, ident)
+    marker = Path(root) / study.study_name / ARTIFACTS_MARKER
+    found = _artifacts_owner(marker)
+    if found is None:
+        temporary = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
+        try:
+            temporary.write_text(json.dumps({"id": ident, "storage": mask(storage.url)}), encoding="utf-8")
+            temporary.replace(marker)  # atomic: two workers of the study write the same
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+            raise CheckpointError(f"cannot write {marker}: {exc.strerror or exc}; free disk space or fix its "
+                                  "permissions, or pass --artifacts DIR") from None
+        return
+    if found.get("id") != ident:
+        _refuse_artifacts(marker, found, storage)
+
+
+def refuse_others_artifacts(root: Path, name: str, storage: optuna.storages.RDBStorage) -> None:
+    """Refuse, before the study is made or a worker starts, a `root/<name>` that holds the checkpoints of
+    another study of that name (`claim_artifacts`)."""
+    import optuna
+
+    marker = Path(root) / name / ARTIFACTS_MARKER
+    found = _artifacts_owner(marker)
+    if found is None:
+        return
+    if name in optuna.get_all_study_names(storage):
+        ident = storage.get_study_user_attrs(storage.get_study_id_from_name(name)).get(STUDY_ID_ATTR)
+        if ident is None or ident == found.get("id"):  # ours, or one made before studies had an id
+            return
+    _refuse_artifacts(marker, found, storage)
+
+
+def _artifacts_owner(marker: Path) -> dict[str, Any] | None:
+    try:
+        found = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none, or damaged: nothing to go by, as before markers existed
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _refuse_artifacts(marker: Path, found: dict[str, Any], storage: optuna.storages.RDBStorage) -> None:
+    if found.get("storage") == mask(storage.url):  # the database was deleted, or the study, and made anew
+        raise StudyFileError(
+            f"{marker.parent} holds the checkpoints of an earlier study named {marker.parent.name!r} in "
+            f"{mask(storage.url)}, since deleted: remove {marker.parent} to start over, or pass another --artifacts")
+    raise StudyFileError(
+        f"{marker.parent} holds the checkpoints of another study named {marker.parent.name!r} (in "
+        f"{found.get('storage', 'another database')}), not the one in {mask(storage.url)}: pass that "
+        "--storage, another --artifacts, or give this study another [study] name")
+
+
 def _check_join(spec: StudySpec, stored: dict[str, Any] | None, ours: dict[str, Any]) -> None:
     if stored is None:
         return
@@ -537,7 +605,9 @@ class Worker:
         # A queued trial's identity is written in the transaction that starts it, not in one of its own.
         storage.on_start = self._start_attrs
         storage.queue_only = self.spec.sampler == "grid"  # a grid samples nothing: it runs queued points
+        refuse_others_artifacts(opts.artifacts, self.spec.name, storage)  # before the study is made here
         study = open_study(self.spec, storage, opts.max_stale_retries, self._corpus)
+        claim_artifacts(opts.artifacts, study, storage)
         resume_first(study)
         self._samplers = (study.sampler, study.sampler)  # a grid samples nothing: it runs queued points
         if self.spec.sampler != "grid":
@@ -741,6 +811,9 @@ class Worker:
             trial.set_user_attr("resumed_from", epochs)
             log.info("trial %d: resumed from its epoch-%d checkpoint", trial.number, epochs)
 
+        if config.model != "baseline":
+            self._say_if_checkpoints_are_elsewhere(trial, key, run_dir)
+
         try:
             result = fit(config, self._corpus, run_dir=run_dir, device=self.options.device,
                          on_epoch=on_epoch, on_resume=on_resume, progress=self.options.progress)
@@ -779,6 +852,29 @@ class Worker:
             set_user_attrs_with_final_state(trial, {"fail_reason": f"{type(exc).__name__}: {reason}"[:500]})
             raise
         return result.dev.mse
+
+    @staticmethod
+    def _say_if_checkpoints_are_elsewhere(trial: optuna.Trial, key: str, run_dir: Path) -> None:
+        """Warn when an earlier trial of this configuration trained epochs but its checkpoints are not in
+        this worker's run directory: started from another directory, or with another --artifacts, a worker
+        trained the configuration again from epoch 1 without a word, the old checkpoints left on disk."""
+        from optuna.trial import TrialState
+
+        from vadsearch.checkpoint import RunDirectory
+
+        earlier = [t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                   if t.user_attrs.get("point") == key and t.intermediate_values]
+        if not earlier or RunDirectory(run_dir).has_checkpoint():
+            return
+        last = max(earlier, key=lambda t: (max(t.intermediate_values), t.number))
+        where = last.user_attrs.get("checkpoint_dir")
+        moved = ""
+        if where and where != str(run_dir):
+            relative = "" if Path(where).is_absolute() else ", relative to where its worker ran"
+            moved = f" (it wrote them to {where}{relative})"
+        log.warning("trial %d: trial %d of this configuration trained %d epoch(s), but %s holds no checkpoint%s: "
+                    "training starts over; to resume it, run workers where the study's first ran, or with its "
+                    "--artifacts", trial.number, last.number, max(last.intermediate_values), run_dir, moved)
 
     def _refuse_repeat_or_surplus(self, trial: optuna.Trial, key: str) -> None:
         """End a sampled trial, untrained, whose configuration another trial settled (ran, or failed until

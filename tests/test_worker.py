@@ -891,3 +891,17 @@ def test_a_study_made_anew_in_a_deleted_database_does_not_resume_the_old_checkpo
         Worker(spec, options).run()
     shutil.rmtree(tmp_path / "art" / "s")
     assert Worker(spec, options).run().stopped == "finished"
+
+
+def test_two_relative_sqlite_files_of_the_same_name_are_two_databases(setup, monkeypatch, tmp_path):
+    # `sqlite:///vadsearch.db` names a file in each directory: not "an earlier study, since deleted".
+    spec, options = setup('hidden_size = [4]\n', max_epochs=1)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    relative = dataclasses.replace(options, storage="sqlite:///vadsearch.db")
+    monkeypatch.chdir(tmp_path / "a")
+    assert Worker(spec, relative).run().stopped == "finished"
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(StudyFileError, match=rf"another study named 's' \(in sqlite:///{tmp_path}/a/vadsearch.db\), "
+                                             rf"not the one in sqlite:///{tmp_path}/b/vadsearch.db"):
+        Worker(spec, relative).run()

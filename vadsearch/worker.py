@@ -45,6 +45,7 @@ from vadsearch.storage import (
     open_storage,
     set_user_attrs,
     set_user_attrs_with_final_state,
+    sqlite_path,
     storage_url,
     study_lock,
 )
@@ -266,8 +267,8 @@ def resume_first(study: optuna.Study) -> None:
         waiting = storage.get_all_trials(self._study_id, deepcopy=False, states=(TrialState.WAITING,))
         if not waiting:
             return None
-        begun = {t.user_attrs.get("point") for t in storage.get_all_trials(
-            self._study_id, deepcopy=False, states=(TrialState.FAIL,)) if t.intermediate_values}
+        failed = storage.get_all_trials(self._study_id, deepcopy=False, states=(TrialState.FAIL,))
+        begun = {t.user_attrs["point"] for t in failed if t.intermediate_values and "point" in t.user_attrs}
         for trial in sorted(waiting, key=lambda t: t.user_attrs.get("point") not in begun):  # stable: by number
             try:
                 if storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
@@ -369,7 +370,7 @@ def claim_artifacts(root: Path, study: optuna.Study, storage: optuna.storages.RD
     if found is None:
         temporary = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
         try:
-            temporary.write_text(json.dumps({"id": ident, "storage": mask(storage.url)}), encoding="utf-8")
+            temporary.write_text(json.dumps({"id": ident, "storage": _database(storage)}), encoding="utf-8")
             temporary.replace(marker)  # atomic: two workers of the study write the same
         except OSError as exc:
             with contextlib.suppress(OSError):
@@ -406,14 +407,22 @@ def _artifacts_owner(marker: Path) -> dict[str, Any] | None:
 
 
 def _refuse_artifacts(marker: Path, found: dict[str, Any], storage: optuna.storages.RDBStorage) -> None:
-    if found.get("storage") == mask(storage.url):  # the database was deleted, or the study, and made anew
+    ours = _database(storage)
+    if found.get("storage") == ours:  # the database was deleted, or the study, and made anew
         raise StudyFileError(
             f"{marker.parent} holds the checkpoints of an earlier study named {marker.parent.name!r} in "
-            f"{mask(storage.url)}, since deleted: remove {marker.parent} to start over, or pass another --artifacts")
+            f"{ours}, since deleted: remove {marker.parent} to start over, or pass another --artifacts")
     raise StudyFileError(
         f"{marker.parent} holds the checkpoints of another study named {marker.parent.name!r} (in "
-        f"{found.get('storage', 'another database')}), not the one in {mask(storage.url)}: pass that "
+        f"{found.get('storage', 'another database')}), not the one in {ours}: pass that "
         "--storage, another --artifacts, or give this study another [study] name")
+
+
+def _database(storage: optuna.storages.RDBStorage) -> str:
+    """The storage's URL, password masked; a SQLite file's path made absolute: `sqlite:///vadsearch.db`
+    names another file in each directory."""
+    path = sqlite_path(storage.url)
+    return f"sqlite:///{path.resolve()}" if path is not None else mask(storage.url)
 
 
 def _check_join(spec: StudySpec, stored: dict[str, Any] | None, ours: dict[str, Any]) -> None:

@@ -420,11 +420,15 @@ def live_trials(storage: optuna.storages.BaseStorage, names: Sequence[str],
         return []
     ages = _heartbeat_ages(storage)
     now = datetime.datetime.now()
-    return [{"study": name, "number": t.number, "worker": t.user_attrs.get("worker"),
-             "heartbeat_age_s": ages.get((name, t.number)), "grace_period_s": grace}
-            for name in names for t in _trials(_open(storage, name), (TrialState.RUNNING,))
-            if not _stale(ages.get((name, t.number)), t, now,
-                          grace := _grace(t) if grace_period is None else grace_period)]
+    live = []
+    for name in names:
+        for t in _trials(_open(storage, name), (TrialState.RUNNING,)):
+            grace = _grace(t) if grace_period is None else grace_period
+            age = ages.get((name, t.number))
+            if not _stale(age, t, now, grace):
+                live.append({"study": name, "number": t.number, "worker": t.user_attrs.get("worker"),
+                             "heartbeat_age_s": age, "grace_period_s": grace})
+    return live
 
 
 def _grace(trial: FrozenTrial) -> float:

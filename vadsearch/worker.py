@@ -871,9 +871,11 @@ class Worker:
 
         from vadsearch.checkpoint import RunDirectory
 
+        if RunDirectory(run_dir).has_checkpoint():  # a look at the disk first: the read below grows with the study
+            return
         earlier = [t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
                    if t.user_attrs.get("point") == key and t.intermediate_values]
-        if not earlier or RunDirectory(run_dir).has_checkpoint():
+        if not earlier:
             return
         last = max(earlier, key=lambda t: (max(t.intermediate_values), t.number))
         where = last.user_attrs.get("checkpoint_dir")

@@ -178,6 +178,35 @@ def test_ctrl_c_leaves_the_trial_resumable_without_spending_a_retry(setup, monke
     assert f"dev {resumed.intermediate_values[3]:.4f}" in epochs[0]
 
 
+def test_a_stop_signal_during_a_trials_final_write_stops_the_worker_and_keeps_the_result(setup):
+    # The signal is held while the COMPLETE state is written and raised as that write returns, inside Optuna's
+    # _run_trial, which turns it into an UnboundLocalError of its own: the worker failed with that error.
+    import os
+    import signal
+    import threading
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from vadsearch import interrupts
+
+    spec, options = setup("hidden_size = [4, 8]\n", max_epochs=1)
+
+    def on_statement(conn, cursor, statement, parameters, context, executemany):
+        if (threading.current_thread() is threading.main_thread() and statement.startswith("UPDATE trials")
+                and "COMPLETE" in str(parameters)):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    event.listen(Engine, "after_cursor_execute", on_statement)
+    try:
+        with interrupts.handled():
+            summary = Worker(spec, options).run()
+    finally:
+        event.remove(Engine, "after_cursor_execute", on_statement)
+    assert summary.stopped == "interrupted"
+    assert [t.state for t in load(options).trials] == [TrialState.COMPLETE, TrialState.WAITING]
+
+
 def test_an_interrupted_configuration_resumes_before_the_untouched_ones(setup, monkeypatch):
     # Stopped every evening, a grid resumed yesterday's configuration last: queued again behind all the
     # others, while its checkpoints waited on disk and each evening began another.

@@ -11,12 +11,18 @@ Python raises KeyboardInterrupt wherever the main thread is when SIGINT arrives,
   `launch` passes it on to its workers (as systemd does with KillMode=control-group). The copy landed in
   the worker's cleanup: a traceback, exit code 1 or -2 instead of 130, the interrupted trial not queued
   again. A copy that comes within REPEAT_WINDOW of the first is ignored.
+- Inside a database call, the exception can leave SQLAlchemy's connection inside its transaction, holding
+  SQLite's write lock: the worker's own next call (marking its trial interrupted) and every other worker
+  on that file then wait out the busy timeout, again and again. A first stop signal that arrives within
+  `deferred()` (each storage call, reconnect.py) is raised when the call returns; a later one, the user
+  insisting, raises at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 import time
 
 REPEAT_WINDOW = 5.0
@@ -24,15 +30,20 @@ REPEAT_WINDOW = 5.0
 
 _first: tuple[float, int] | None = None  # when the first stop signal came, and which one
 _active = False  # within `handled()`: elsewhere (a library caller, a later command in-process) check() is a no-op
+_depth = 0  # nesting of `deferred()` blocks in the main thread
+_held = False  # a stop signal came within them: raised as the outermost one ends
 
 
 def _handler(signum, frame) -> None:
-    global _first
+    global _first, _held
     now = time.monotonic()
     if _first is not None and now - _first[0] < REPEAT_WINDOW:
         return
     if _first is None:
         _first = (now, signum)
+        if _depth:
+            _held = True
+            return
     raise KeyboardInterrupt
 
 
@@ -53,10 +64,28 @@ def check() -> None:
 
 
 @contextlib.contextmanager
+def deferred():
+    """Within: a first stop signal is held until the block ends (see above). Signals reach only the main
+    thread, so elsewhere (Optuna's heartbeat thread) this does nothing."""
+    global _depth, _held
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+        if _depth == 0 and _held:
+            _held = False
+            raise KeyboardInterrupt  # in place of any exception the call raised: stopping comes first
+
+
+@contextlib.contextmanager
 def handled():
     """Within: SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt once, as described above."""
-    global _first, _active
-    _first = None
+    global _first, _active, _held
+    _first, _held = None, False
     # Under `nohup` a hang-up is ignored on purpose: the worker outlives its terminal.
     caught = [s for s in STOP_SIGNALS if not (s == signal.SIGHUP and signal.getsignal(s) == signal.SIG_IGN)]
     previous = {signum: signal.signal(signum, _handler) for signum in caught}

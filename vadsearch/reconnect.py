@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import threading
 import time
 from typing import Any, Callable
 
@@ -22,6 +23,7 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
+from vadsearch import interrupts
 from vadsearch.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,8 @@ def retrying(method):
         started, delay = None, FIRST_DELAY_S
         while True:
             try:
-                result = method(self, *args, **kwargs)
+                with interrupts.deferred():  # each attempt, not the waits between them
+                    result = method(self, *args, **kwargs)
             except Exception as exc:
                 if not _transient(exc):
                     raise
@@ -110,7 +113,8 @@ class ReconnectingRDBStorage(RDBStorage):
         if template_trial is not None:
             # Enqueueing is not retried: after a commit whose answer was lost, a retry would queue the
             # point twice. A failure here stops the worker; the next reconcile queues what is missing.
-            return super()._create_new_trial(study_id, template_trial)
+            with interrupts.deferred():
+                return super()._create_new_trial(study_id, template_trial)
         if self.queue_only:  # `ask` found nothing to pop
             raise QueueEmpty
         # A fresh trial of a sampled study: one created twice is never run; an empty trial without a
@@ -203,6 +207,10 @@ class ReconnectingRDBStorage(RDBStorage):
     def record_heartbeat(self, trial_id: int) -> None:
         # Runs in Optuna's heartbeat thread: an exception there would kill the thread with a traceback
         # and let the trial go stale while the worker still trains it. The main thread reports outages.
+        if not threading.main_thread().is_alive():
+            # The worker is exiting, and this thread was never told to stop: a Ctrl-C landed between its start
+            # and Optuna's `with` around the trial. Without this it beat on, and the process never exited.
+            raise SystemExit
         try:
             retrying(RDBStorage.record_heartbeat)(self, trial_id)
         except (DatabaseUnreachable, optuna.exceptions.StorageInternalError):

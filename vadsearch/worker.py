@@ -697,6 +697,9 @@ class Worker:
             except MachineFault:
                 raise
             except Exception as exc:
+                # Optuna's _run_trial also turns a Ctrl-C raised as its final write returns (interrupts.deferred)
+                # into an UnboundLocalError: a stop signal came, so this is a stop.
+                interrupts.check()
                 gave_up = getattr(self._storage, "gave_up", "")
                 if gave_up:
                     # Optuna 5's _run_trial turns a storage failure during its final bookkeeping into

@@ -1,0 +1,164 @@
+"""Where a stop signal lands in a worker. One that arrives while it talks to its database is acted on when the
+call returns: raised inside SQLAlchemy, it left the connection inside a transaction that held SQLite's write
+lock, and the worker (marking its trial interrupted) and every other worker on the file waited on it, again
+and again. One that lands as a trial's heartbeat thread starts no longer keeps the process from exiting."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import optuna
+import pytest
+from sqlalchemy import event
+
+import vadsearch.storage
+from vadsearch import interrupts
+from vadsearch.storage import open_storage
+
+
+def stop_myself() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next bytecode of this thread
+
+
+def test_a_stop_signal_within_a_database_call_is_raised_as_the_call_returns():
+    done = []
+    with interrupts.handled():
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts.deferred():
+                with interrupts.deferred():  # a storage call made by another one
+                    stop_myself()
+                    done.append("inner")
+                done.append("outer")
+        assert done == ["inner", "outer"]
+        with interrupts.deferred():  # the signal was raised once, not held for the next call
+            done.append("next")
+    assert interrupts.stopped() == ("stopped by SIGTERM", 128 + signal.SIGTERM)
+
+
+def test_the_stop_replaces_the_error_of_the_call_it_waited_for():
+    with interrupts.handled():
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts.deferred():
+                stop_myself()
+                raise sqlite3.OperationalError("database is locked")  # would be retried: stopping comes first
+
+
+def test_a_second_stop_signal_raises_at_once(monkeypatch):
+    # The user insisting, while a call waits out a busy database (up to a minute), stops it there.
+    monkeypatch.setattr(interrupts, "REPEAT_WINDOW", 0.0)
+    reached = []
+    with interrupts.handled():
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts.deferred():
+                stop_myself()
+                reached.append(1)
+                stop_myself()
+                reached.append(2)
+    assert reached == [1]
+
+
+def test_a_call_in_another_thread_holds_nothing_back():
+    # Optuna's heartbeat thread writes while the main thread trains: a Ctrl-C then stops the training at once.
+    entered, release = threading.Event(), threading.Event()
+
+    def heartbeat():
+        with interrupts.deferred():
+            entered.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=heartbeat)
+    with interrupts.handled():
+        thread.start()
+        entered.wait(10)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                stop_myself()
+                time.sleep(5)  # not reached
+        finally:
+            release.set()
+            thread.join()
+
+
+def test_a_signal_at_any_statement_of_a_trial_leaves_the_database_unlocked(tmp_path, monkeypatch):
+    # Deterministic: the signal arrives right after the k-th SQL statement of a trial, for every k. Before,
+    # from the second statement on, the file stayed locked and each later call failed with "database is locked".
+    monkeypatch.setattr(vadsearch.storage, "SQLITE_BUSY_TIMEOUT_S", 0.5)
+    path = tmp_path / "s.db"
+    storage = open_storage(f"sqlite:///{path}", heartbeat_interval=60, grace_period=120, outage_limit=1)
+    study = optuna.create_study(study_name="s", storage=storage)
+    statements = {"seen": 0, "signal_at": None}
+
+    @event.listens_for(storage.engine, "after_cursor_execute")
+    def count(*_):
+        if threading.current_thread() is not threading.main_thread():
+            return  # Optuna's heartbeat thread: its statements come at no fixed place
+        statements["seen"] += 1
+        if statements["seen"] == statements["signal_at"]:
+            stop_myself()
+
+    def objective(trial):
+        for step in range(3):
+            trial.report(step, step)
+        return 1.0
+
+    study.optimize(objective, n_trials=1)  # the first trial of a study takes a few statements more
+    statements["seen"] = 0
+    study.optimize(objective, n_trials=1)
+    per_trial = statements["seen"]
+    assert per_trial > 10
+    with interrupts.handled():
+        for k in range(1, per_trial + 1):
+            interrupts._first = None  # a fresh stop each time, not a copy of the last one
+            statements.update(seen=0, signal_at=k)
+            started = time.monotonic()
+            try:
+                study.optimize(objective, n_trials=1)
+            except KeyboardInterrupt:
+                pass
+            except UnboundLocalError as exc:
+                # Optuna's _run_trial does this to a Ctrl-C raised by its final write; the worker reads it as
+                # the stop it is (test_worker.py).
+                assert isinstance(exc.__context__, KeyboardInterrupt)
+            else:
+                pytest.fail(f"the signal after statement {k} did not stop the study")
+            assert time.monotonic() - started < 0.5, f"statement {k}: stopping waited on the database"
+            other = sqlite3.connect(path, timeout=0.1, isolation_level=None)
+            try:
+                other.execute("BEGIN IMMEDIATE")  # fails at once if any connection kept the write lock
+                other.execute("ROLLBACK")
+            except sqlite3.OperationalError as exc:
+                pytest.fail(f"a signal after statement {k} left the database locked: {exc}")
+            finally:
+                other.close()
+
+
+LEAKED_HEARTBEAT = textwrap.dedent("""
+    import sys
+    import optuna
+    from optuna.storages._heartbeat import get_heartbeat_thread
+    from vadsearch.storage import open_storage
+
+    storage = open_storage(sys.argv[1], heartbeat_interval=1, grace_period=2, outage_limit=5)
+    study = optuna.create_study(storage=storage)
+    trial = study.ask()
+    # Started, then never stopped: what a Ctrl-C between its start and Optuna's `with` around the trial leaves.
+    get_heartbeat_thread(trial._trial_id, storage).start()
+    print("exiting", flush=True)
+""")
+
+
+def test_a_heartbeat_thread_that_was_never_stopped_lets_the_worker_exit(tmp_path):
+    # Before, it recorded heartbeats forever: the worker never exited, and its trial never went stale.
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", LEAKED_HEARTBEAT, f"sqlite:///{tmp_path}/s.db"],
+                          capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0 and "exiting" in done.stdout, done.stderr
+    assert "Traceback" not in done.stderr
+    assert time.monotonic() - started < 15

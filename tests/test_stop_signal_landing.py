@@ -17,6 +17,7 @@ import time
 import optuna
 import pytest
 from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 import vadsearch.storage
 from vadsearch import interrupts
@@ -162,3 +163,70 @@ def test_a_heartbeat_thread_that_was_never_stopped_lets_the_worker_exit(tmp_path
     assert done.returncode == 0 and "exiting" in done.stdout, done.stderr
     assert "Traceback" not in done.stderr
     assert time.monotonic() - started < 15
+
+
+# A worker as `launch` sees it: on Ctrl-C it writes to the study (its trial's interrupted state), then exits;
+# exit 3 if the database stayed locked.
+WRITING_WORKER = textwrap.dedent("""
+    import signal, sqlite3, sys, time
+
+    def stop(*_):
+        db = sqlite3.connect(sys.argv[1], timeout=0.5, isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("UPDATE studies SET study_name = study_name")
+            db.execute("COMMIT")
+        except sqlite3.OperationalError:
+            sys.exit(3)
+        sys.exit(0)
+
+    signal.signal(signal.SIGINT, stop)
+    print("ready", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_stop_signal_during_launchs_progress_read_leaves_its_workers_free_to_write(tmp_path, tiny_csv):
+    # `launch` reads the study each second for its progress bar. A Ctrl-C raised inside that read kept SQLite's
+    # shared lock while `launch` stopped its workers: none could write its trial's interrupted state, each
+    # waited out the busy timeout and its retries (minutes), and `launch` waited for them.
+    from vadsearch import cli, launch
+    from vadsearch.studyfile import load_study_file
+    from vadsearch.worker import Worker, WorkerOptions
+
+    from search_helpers import write_study
+
+    spec = load_study_file(write_study(tmp_path / "s.toml", name="s", data=tiny_csv, search="hidden_size = [4]",
+                                       max_epochs=1))
+    path = tmp_path / "s.db"
+    Worker(spec, WorkerOptions(storage=f"sqlite:///{path}", artifacts=tmp_path / "art", device="cpu",
+                               progress=False)).run()
+    tick = cli._progress_bar(spec, f"sqlite:///{path}")
+    statements = {"seen": 0, "signal_at": None}
+
+    def count(*_):
+        statements["seen"] += 1
+        if statements["seen"] == statements["signal_at"]:
+            stop_myself()
+
+    event.listen(Engine, "after_cursor_execute", count)
+    try:
+        tick()  # opens the storage
+        statements["seen"] = 0
+        tick()
+        per_tick = statements["seen"]
+        assert per_tick >= 3
+        for k in range(1, per_tick + 1):
+            worker = subprocess.Popen([sys.executable, "-c", WRITING_WORKER, str(path)], stdout=subprocess.PIPE,
+                                      text=True)
+            try:
+                assert worker.stdout.readline() == "ready\n"
+                statements.update(seen=0, signal_at=k)
+                with interrupts.handled(), pytest.raises(KeyboardInterrupt):
+                    launch.wait([worker], on_tick=tick, tick=0.01)
+            finally:
+                worker.kill() if worker.poll() is None else None
+                worker.wait()
+            assert worker.returncode == 0, f"a signal after statement {k} of the read left the study locked"
+    finally:
+        event.remove(Engine, "after_cursor_execute", count)

@@ -118,7 +118,10 @@ def wait(processes: list[subprocess.Popen], on_tick=None, tick: float = 1.0, on_
                         reported.add(index)
                         on_exit(index, p.returncode)
             if on_tick:
-                on_tick()
+                # It reads the study: a Ctrl-C raised inside that read kept SQLite's shared lock while the workers
+                # stopped, and none could write its trial's interrupted state (interrupts.deferred).
+                with interrupts.deferred():
+                    on_tick()
             time.sleep(tick)
     except KeyboardInterrupt:
         _stop(processes)

@@ -122,3 +122,26 @@ def test_disk_full_never_gives_up_on_a_configuration(tmp_path, tiny_csv, monkeyp
     monkeypatch.undo()
     assert Worker(spec, options).run().stopped == "finished"
     assert points_finished(load(url)) == {point_key({"hidden_size": 4}): 1}
+
+
+def test_a_replaced_file_is_the_old_one_or_the_new_one_never_a_part(tmp_path):
+    # Checkpoints, the token cache, extracted vectors and the artifact marker are all written this way.
+    import os
+
+    from vadsearch.outdir import replacing
+
+    target = tmp_path / "checkpoint"
+    target.write_text("old")
+    with replacing(target) as temporary:
+        temporary.write_text("new")
+        assert target.read_text() == "old"  # what a reader finds meanwhile
+    assert target.read_text() == "new"
+    with pytest.raises(OSError, match="No space left"):
+        with replacing(target) as temporary:
+            temporary.write_text("cut sh")
+            _disk_full()
+    assert target.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]  # the part is gone
+    with replacing(tmp_path / ".study-id") as temporary:
+        assert temporary.name == f".study-id.{os.getpid()}.tmp"  # hidden, as the file it replaces
+        temporary.write_text("{}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -15,6 +16,7 @@ import torch
 from vadsearch import checkpoint
 from vadsearch.checkpoint import RunDirectory
 from vadsearch.errors import CheckpointError
+from vadsearch.outdir import temporary_for
 from vadsearch.seeding import capture_rng, restore_rng
 
 FP, SHA = "fingerprint-a", "data-a"
@@ -246,10 +248,12 @@ def _interrupted_write(run: RunDirectory, epoch: int, monkeypatch: pytest.Monkey
     does; return the temporary file it leaves."""
     before = _names(run.path) if run.path.is_dir() else set()
 
-    def killed(*args) -> None:
-        raise KeyboardInterrupt
+    @contextlib.contextmanager
+    def killed_before_the_rename(path: Path):
+        yield temporary_for(path)
+        raise KeyboardInterrupt  # as a kill: nothing after the write runs, the temporary file stays
 
-    monkeypatch.setattr(checkpoint.os, "replace", killed)
+    monkeypatch.setattr(checkpoint, "replacing", killed_before_the_rename)
     with pytest.raises(KeyboardInterrupt):
         run.save(_state(epoch, epoch), None, 0)
     monkeypatch.undo()

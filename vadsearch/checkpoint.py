@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from vadsearch.errors import CheckpointError, ConfigError
+from vadsearch.outdir import replacing
 
 if TYPE_CHECKING:
     import torch
@@ -57,17 +58,14 @@ def run_directory(root: str | Path, study_name: str, fingerprint: str) -> Path:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     import torch
 
     try:
-        with open(tmp, "wb") as f:
+        with replacing(path) as tmp, open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(
             f"cannot write checkpoint {path}: {exc.strerror or exc}; "
             "free disk space or point the artifact directory at a writable place"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 from vadsearch.errors import OutputError, VadsearchError
 
@@ -23,3 +25,24 @@ def writable_dir(path: Path, what: str, error: type[VadsearchError] = OutputErro
         raise error(f"cannot write to {what} {path}: {exc.strerror or exc}; {advice or 'pass another directory'}"
                     ) from None
     return path
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write, renamed onto `path` when the block ends: a reader (another
+    worker, a run after a crash) finds the old file or the new one, never one cut short. Named for this
+    process, so concurrent writers never share one; removed, and the error passed on, if the block fails."""
+    temporary = temporary_for(path)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise
+
+
+def temporary_for(path: Path) -> Path:
+    """`replacing`'s temporary file for `path`: hidden, and named for this process."""
+    path = Path(path)
+    return path.with_name(f"{'' if path.name.startswith('.') else '.'}{path.name}.{os.getpid()}.tmp")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import gzip
 import logging
-import os
 import shutil
 import zipfile
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from vadsearch.data import cache_dir, user_path
 from vadsearch.download import DownloadError, download_verified
 from vadsearch.encoding import Vocabulary
 from vadsearch.errors import ConfigError
+from vadsearch.outdir import replacing
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +60,12 @@ def resolve_vectors(name_or_path: str, *, download: bool = True) -> Path:
 
 
 def _extract(archive: Path, member: str, dest: Path) -> None:
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
     try:
-        with zipfile.ZipFile(archive) as zf, zf.open(member) as src, open(tmp, "wb") as out:
+        with (replacing(dest) as tmp, zipfile.ZipFile(archive) as zf, zf.open(member) as src,
+              open(tmp, "wb") as out):
             shutil.copyfileobj(src, out, 1024 * 1024)
-        os.replace(tmp, dest)
     except (OSError, zipfile.BadZipFile, KeyError) as exc:
         raise ConfigError(f"cannot extract {member} from {archive}: {exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

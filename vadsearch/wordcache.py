@@ -10,12 +10,12 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import os
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterable
 
 from vadsearch.data import SPLITS, Corpus, cache_dir
+from vadsearch.outdir import replacing
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +63,11 @@ def _read(path: Path) -> dict | None:
 
 
 def _write(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with gzip.open(tmp, "wt", encoding="utf-8") as f:
+        # Concurrent workers each write whole files; the last rename wins.
+        with replacing(path) as tmp, gzip.open(tmp, "wt", encoding="utf-8") as f:
             json.dump(payload, f, ensure_ascii=False)
-        os.replace(tmp, path)  # concurrent workers each write whole files; the last rename wins
     except OSError as exc:
         # A read-only cache costs each worker its own tokenization, nothing more.
         log.debug("token cache %s not written: %s", path, exc)
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass

@@ -21,7 +21,6 @@ after the configuration's fingerprint, not after the trial.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from vadsearch import failures, interrupts
 from vadsearch.errors import CheckpointError, GpuMemoryError, MachineFault, StudyFileError, TrainingError
 from vadsearch.fit import fit
+from vadsearch.outdir import replacing
 from vadsearch.storage import (
     DB_OUTAGE_LIMIT_S,
     GRACE_PERIOD_S,
@@ -368,13 +368,10 @@ def claim_artifacts(root: Path, study: optuna.Study, storage: optuna.storages.RD
     marker = Path(root) / study.study_name / ARTIFACTS_MARKER
     found = _artifacts_owner(marker)
     if found is None:
-        temporary = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
         try:
-            temporary.write_text(json.dumps({"id": ident, "storage": _database(storage)}), encoding="utf-8")
-            temporary.replace(marker)  # atomic: two workers of the study write the same
+            with replacing(marker) as temporary:  # two workers of the study write the same
+                temporary.write_text(json.dumps({"id": ident, "storage": _database(storage)}), encoding="utf-8")
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                temporary.unlink(missing_ok=True)
             raise CheckpointError(f"cannot write {marker}: {exc.strerror or exc}; free disk space or fix its "
                                   "permissions, or pass --artifacts DIR") from None
         return

@@ -630,6 +630,29 @@ def test_a_sampled_study_takes_the_latest_trial_count_and_ignores_the_order_of_i
     assert (row["complete"], row["max_trials"]) == (2, 2)
 
 
+def test_a_retry_queued_beyond_a_lowered_max_trials_waits_for_it_to_be_raised(sampled, monkeypatch, tmp_path):
+    # Status said "1 waiting" of a finished study: a retry no worker would run.
+    from typer.testing import CliRunner
+
+    from vadsearch.cli import app
+
+    spec, options = sampled("lr = [0.001, 0.01, 0.1]", max_trials=3)
+    spec = spec.with_overrides(train={"max_epochs": 2})
+    assert Worker(spec, dataclasses.replace(options, n_trials=1)).run().trials == [0]
+    interrupt_after(1, spec, options, monkeypatch)  # trial 1, queued again as trial 2
+    lowered, _ = sampled("lr = [0.001, 0.01, 0.1]", max_trials=1)
+    lowered = lowered.with_overrides(train={"max_epochs": 2})
+    assert Worker(lowered, options).run().trials == []  # finished: the retry is not run
+    shown = CliRunner().invoke(app, ["status", "--storage", options.storage]).output
+    assert "1/1 trials done (1 complete, 0 pruned), 0 running, 1 waiting (not run: max_trials = 1 is reached; " \
+           "raise it to run them), 1 failed (1 retried)" in shown
+    assert Worker(spec, options).run().stopped == "finished"  # raised again: the retry resumes where it stopped
+    trials = load(options, "r").trials
+    assert trials[2].state == TrialState.COMPLETE and trials[2].user_attrs["resumed_from"] == 1
+    shown = CliRunner().invoke(app, ["status", "--storage", options.storage]).output
+    assert "not run" not in shown
+
+
 def test_a_trial_is_never_pruned_on_its_last_epoch(sampled, monkeypatch):
     # A pruner that would stop every trial: an epoch before the last is pruned, the last one is scored in full
     # (pruned there, a fully trained run lost its best epoch and its test score).

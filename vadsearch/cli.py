@@ -651,10 +651,14 @@ def status(storage: StorageOpt = None, fmt: FormatOpt = "table") -> None:
                  else f"{done} {unit} done, beyond max_trials = {row['max_trials']}")
         # A failure retried (an interrupted trial resumed) is no loss: "4/4 done, 1 failed" read as one.
         retried = sum(t["retried_as"] is not None for t in row["failed_trials"])
+        waiting = f"{row['waiting']} waiting"
+        if row["waiting"] and done >= row["max_trials"]:
+            # max_trials lowered below the work already queued (an interrupted trial's retry): the study is
+            # finished and no worker runs them, which "1 waiting" did not say.
+            waiting += f" (not run: max_trials = {row['max_trials']} is reached; raise it to run them)"
         typer.echo(f"{row['name']} ({row['model']}, {row['sampler']}): {count} "
                    f"({row['complete']} complete, {row['pruned']} pruned{gave_up}), {row['running']} running, "
-                   f"{row['waiting']} waiting, {row['fail']} failed{f' ({retried} retried)' if retried else ''}"
-                   f"{memory}")
+                   f"{waiting}, {row['fail']} failed{f' ({retried} retried)' if retried else ''}{memory}")
         for t in row["running_trials"]:
             of = f"/{t['max_epochs']}" if t["max_epochs"] else ""
             typer.echo(f"  trial {t['number']}: epoch {t['epochs_done'] or 0}{of} on {t['worker']}, "

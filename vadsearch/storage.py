@@ -317,7 +317,7 @@ def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
         backend.check_trial_is_updatable(trial_id, state)
         upsert_user_attrs(session, models, backend.engine.name, trial_id, attrs)
 
-    if _in_one_session(trial.storage, write, commit=True) is NotImplemented:
+    if _in_one_session(trial.storage, write) is NotImplemented:
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
 
@@ -368,9 +368,9 @@ def _upsert_statement(dialect: str):
                                            set_={"value_json": statement.excluded.value_json})
 
 
-def _in_one_session(storage, work: Callable[[Any, Any, Any], Any], commit: bool = False) -> Any:
-    """`work(session, models, backend)` in one session of `storage`'s RDBStorage, waiting out a lost
-    database like every other call of a reconnecting storage; NotImplemented for any other storage."""
+def _in_one_session(storage, work: Callable[[Any, Any, Any], Any]) -> Any:
+    """`work(session, models, backend)` in one session of `storage`'s RDBStorage, committed as it ends, waiting
+    out a lost database like every other call of a reconnecting storage; NotImplemented for any other storage."""
     backend = getattr(storage, "_backend", storage)
     try:
         from optuna.storages._rdb import models
@@ -381,7 +381,7 @@ def _in_one_session(storage, work: Callable[[Any, Any, Any], Any], commit: bool 
         return NotImplemented
 
     def run(_backend) -> Any:
-        with _create_scoped_session(session_factory, commit) as session:
+        with _create_scoped_session(session_factory) as session:  # an integrity error is raised, not ignored
             return work(session, models, backend)
 
     from vadsearch.reconnect import ReconnectingRDBStorage, retrying

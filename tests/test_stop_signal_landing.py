@@ -230,3 +230,46 @@ def test_a_stop_signal_during_launchs_progress_read_leaves_its_workers_free_to_w
             assert worker.returncode == 0, f"a signal after statement {k} of the read left the study locked"
     finally:
         event.remove(Engine, "after_cursor_execute", count)
+
+
+def test_a_stop_point_raises_a_held_signal_and_nothing_else():
+    with interrupts.handled():
+        with interrupts.deferred():
+            interrupts.stop_point()  # nothing held: goes on
+            stop_myself()
+            with pytest.raises(KeyboardInterrupt):
+                interrupts.stop_point()
+        # Raised once: the block's end raises nothing more.
+
+
+# A worker whose torch import is hit by SIGTERM (the finder runs inside the import machinery).
+STOPPED_WHILE_TORCH_LOADS = textwrap.dedent("""
+    import importlib.abc, os, signal, sys
+    from vadsearch import interrupts
+    from vadsearch.studyfile import load_study_file
+    from vadsearch.worker import Worker, WorkerOptions
+
+    class StopDuringImport(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "vadsearch.train":
+                os.kill(os.getpid(), signal.SIGTERM)
+            return None
+
+    sys.meta_path.insert(0, StopDuringImport())
+    options = WorkerOptions(storage=sys.argv[2], artifacts=sys.argv[3], device="cpu", progress=False)
+    with interrupts.handled():
+        summary = Worker(load_study_file(sys.argv[1]), options).run()
+    print(summary.stopped, "vadsearch.train" in sys.modules)
+""")
+
+
+def test_a_stop_signal_while_torch_loads_waits_for_the_import(tmp_path, tiny_csv):
+    # Raised inside torch's import, it could abort the process (std::terminate, exit -6).
+    from search_helpers import write_study
+
+    study_file = write_study(tmp_path / "s.toml", name="s", data=tiny_csv, search="hidden_size = [4]")
+    done = subprocess.run([sys.executable, "-c", STOPPED_WHILE_TORCH_LOADS, str(study_file),
+                           f"sqlite:///{tmp_path}/s.db", str(tmp_path / "art")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["interrupted", "True"]  # stopped, after the import had finished

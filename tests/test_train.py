@@ -628,3 +628,35 @@ def test_the_writer_saves_a_snapshot_not_the_live_tensors(tmp_path: Path, monkey
     saved = torch.load(tmp_path / "epoch-0001.pt", weights_only=True)
     assert saved["model"]["w"].tolist() == [0.0] * 4
     assert saved["optimizer"]["state"][0]["exp_avg"].tolist() == [0.0] * 4
+
+
+def test_a_stop_signal_is_raised_between_training_steps_never_inside_one(tiny_corpus, tmp_path, monkeypatch):
+    # Raised inside torch (where its C++ calls back into Python) the KeyboardInterrupt aborted the process or
+    # made it exit by SIGINT; now the step it lands in finishes and the next one does not start.
+    import os
+    import signal
+
+    from vadsearch import interrupts
+
+    real_make_step = train_module.make_step
+    calls = {"started": 0, "finished": 0}
+
+    def make_step(*args, **kwargs):
+        step = real_make_step(*args, **kwargs)
+
+        def counted(*batch):
+            calls["started"] += 1
+            if calls["started"] == STEPS_PER_EPOCH + 3:  # the third step of epoch 2
+                os.kill(os.getpid(), signal.SIGTERM)
+            loss = step(*batch)
+            calls["finished"] += 1
+            return loss
+
+        return counted
+
+    monkeypatch.setattr(train_module, "make_step", make_step)
+    with interrupts.handled(), pytest.raises(KeyboardInterrupt):
+        _run(TINY_LSTM, tiny_corpus, tmp_path)
+    assert calls == {"started": STEPS_PER_EPOCH + 3, "finished": STEPS_PER_EPOCH + 3}
+    monkeypatch.undo()
+    assert _run(TINY_LSTM, tiny_corpus, tmp_path).resumed_from == 1  # resumable as ever

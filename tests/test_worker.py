@@ -207,6 +207,25 @@ def test_a_stop_signal_during_a_trials_final_write_stops_the_worker_and_keeps_th
     assert [t.state for t in load(options).trials] == [TrialState.COMPLETE, TrialState.WAITING]
 
 
+def test_a_stop_before_training_begins_is_an_interruption_not_a_lost_worker(setup, monkeypatch):
+    # A Ctrl-C while the trial was still being set up left a FAIL without `interrupted`: counted as a lost
+    # worker (a stale retry spent), its failure told as "stopped sending heartbeats".
+    from vadsearch import failures
+    from vadsearch.studyfile import StudySpec
+
+    spec, options = setup("hidden_size = [4]\n", max_epochs=1)
+
+    def stopped(self, trial):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(StudySpec, "suggest", stopped)
+    assert Worker(spec, options).run().stopped == "interrupted"
+    monkeypatch.undo()
+    trials = load(options).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert failures.kind(trials[0].user_attrs) == failures.INTERRUPTED
+
+
 def test_an_interrupted_configuration_resumes_before_the_untouched_ones(setup, monkeypatch):
     # Stopped every evening, a grid resumed yesterday's configuration last: queued again behind all the
     # others, while its checkpoints waited on disk and each evening began another.

@@ -16,6 +16,10 @@ Python raises KeyboardInterrupt wherever the main thread is when SIGINT arrives,
   on that file then wait out the busy timeout, again and again. A first stop signal that arrives within
   `deferred()` (each storage call, reconnect.py) is raised when the call returns; a later one, the user
   insisting, raises at once.
+- Inside torch, where its C++ calls back into Python (importing it, a training step), the exception
+  aborted the process (`std::terminate`, exit -6) or left CPython's flag of an unhandled Ctrl-C set, so the
+  worker killed itself with SIGINT as it exited (-2 where 143 was due). Training runs within `deferred()`
+  and raises a held stop between steps (`stop_point()`); torch is imported within it too.
 """
 
 from __future__ import annotations
@@ -79,6 +83,15 @@ def deferred():
         if _depth == 0 and _held:
             _held = False
             raise KeyboardInterrupt  # in place of any exception the call raised: stopping comes first
+
+
+def stop_point() -> None:
+    """Within `deferred()`: raise the stop signal held so far. Long work calls it where stopping is safe
+    (between training steps), so a stop waits for one step, not for the whole block."""
+    global _held
+    if _held:
+        _held = False
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

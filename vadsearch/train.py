@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vadsearch import interrupts
 from vadsearch.batching import collate, eval_batches, train_batches
 from vadsearch.checkpoint import BackgroundWriter, RunDirectory
 from vadsearch.config import TrainConfig, check_device
@@ -111,6 +112,7 @@ def _train_epoch(run: _Run, step: Step, epoch: int, progress: bool,
     params = [p for p in model.parameters() if p.requires_grad]
     total = torch.zeros((), device=device)  # summed on the device: no host sync per step
     for rows in _bar(batches, progress, f"epoch {epoch}/{config.max_epochs}"):
+        interrupts.stop_point()  # Ctrl-C, held since the last step (see `_train_on`)
         loss = step(*collate(split, rows, device))
         if config.grad_clip:
             nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -298,7 +300,9 @@ def _train_on(
 
     writer = BackgroundWriter(directory) if directory else None
     try:
-        stopped_early = _epochs(run, writer, on_epoch, progress)
+        # A stop signal is raised between steps, never inside torch (see interrupts.py).
+        with interrupts.deferred():
+            stopped_early = _epochs(run, writer, on_epoch, progress)
     except BaseException:
         if writer:
             try:

@@ -568,7 +568,8 @@ class Worker:
         configs = self.spec.checked_configs()  # no search: the base alone
         check_device(self.options.device)  # by name, without torch: a baseline-only study needs no device
         if {c.model for c in configs} != {"baseline"}:
-            from vadsearch.train import describe_device, resolve_device  # loads torch
+            with interrupts.deferred():  # a Ctrl-C raised while torch loads could abort the process
+                from vadsearch.train import describe_device, resolve_device  # loads torch
 
             self._torch_device = resolve_device(self.options.device)  # and the device exists
             self._device = describe_device(self._torch_device)
@@ -769,7 +770,12 @@ class Worker:
     # --- one trial ---------------------------------------------------------------------------------
     def _objective(self, trial: optuna.Trial) -> float:
         self._outcome = _Outcome(trial.number)
-        value = self._train_trial(trial)
+        try:
+            value = self._train_trial(trial)
+        except KeyboardInterrupt:
+            # Wherever it lands in the trial, before training too: a FAIL without it counts as a lost worker.
+            set_user_attrs_with_final_state(trial, {"interrupted": True})
+            raise
         self._outcome.state, self._outcome.value = "COMPLETE", value
         return value
 
@@ -835,9 +841,6 @@ class Worker:
         except optuna.exceptions.UpdateFinishedTrialError:
             # Failed as stale by another worker while we could not reach the database: stop here.
             self._taken_over = trial.number
-            raise
-        except KeyboardInterrupt:
-            set_user_attrs_with_final_state(trial, {"interrupted": True})
             raise
         except MachineFault as exc:
             if isinstance(exc, GpuMemoryError) and self._gave_way_before(trial, key):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,19 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("VADSEARCH_CACHE", None)
     else:
         os.environ["VADSEARCH_CACHE"] = saved
+
+
+@pytest.fixture(autouse=True)
+def _stop_signal_handlers():
+    """A test that stops itself with a signal inside `interrupts.handled()` leaves the signal ignored, as a
+    stopping worker must: put the handlers back, or later tests' child processes inherit the ignoring."""
+    from vadsearch import interrupts
+
+    saved = {signum: signal.getsignal(signum) for signum in interrupts.STOP_SIGNALS}
+    yield
+    interrupts.started()
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
 
 
 @pytest.fixture(scope="session")

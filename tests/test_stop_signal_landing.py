@@ -273,3 +273,42 @@ def test_a_stop_signal_while_torch_loads_waits_for_the_import(tmp_path, tiny_csv
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["interrupted", "True"]  # stopped, after the import had finished
+
+
+# The command line hit by a stop signal while typer builds its commands, before any command begins.
+STOPPED_WHILE_STARTING = textwrap.dedent("""
+    import os, signal, sys
+    import typer.main
+    from vadsearch import cli
+
+    real, signum = typer.main.get_command, getattr(signal, sys.argv[1])
+
+    def building(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    typer.main.get_command = building
+    sys.argv = ["vadsearch", "status", "--storage", "sqlite:///" + sys.argv[2]]
+    cli.main()
+""")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_stop_signal_before_the_command_begins_exits_quietly(tmp_path, signum):
+    # `launch` passes a Ctrl-C on to workers that may still be starting: their logs held a traceback.
+    done = subprocess.run([sys.executable, "-c", STOPPED_WHILE_STARTING, signum.name, str(tmp_path / "none.db")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 128 + signum, done.stderr
+    assert done.stderr == "" and done.stdout == ""
+
+
+def test_once_the_command_begins_it_handles_stop_signals_its_own_way():
+    from typer.testing import CliRunner
+
+    from vadsearch.cli import app
+
+    interrupts.while_starting()
+    assert signal.getsignal(signal.SIGTERM) == interrupts._exit_at_once
+    CliRunner().invoke(app, ["status", "--storage", "sqlite:////nonexistent/x.db"])
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler

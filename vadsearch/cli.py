@@ -76,6 +76,9 @@ def _root(
 
     Train one model with `vadsearch train`; search a study file with `vadsearch worker`.
     """
+    from vadsearch import interrupts
+
+    interrupts.started()  # see main()
 
 
 # Options shared by several commands.
@@ -1050,6 +1053,9 @@ def reproduce(
 
 
 def main() -> None:
+    from vadsearch import interrupts
+
+    interrupts.while_starting()  # a stop before the command begins: exit quietly (until `_root`)
     app()
 
 

@@ -54,6 +54,29 @@ def _handler(signum, frame) -> None:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+_starting: dict[int, object] = {}  # the handlers `while_starting` replaced
+
+
+def _exit_at_once(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def while_starting() -> None:
+    """Until `started()`: a stop signal ends the process at once, quietly, with its exit code. Before a command
+    begins there is nothing to stop cleanly, and `launch` passes a Ctrl-C on to workers that may still be
+    starting: their logs held a KeyboardInterrupt traceback from the argument parser."""
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) != signal.SIG_IGN:  # `nohup`, or a shell's `cmd &`: left ignored
+            _starting[signum] = signal.signal(signum, _exit_at_once)
+
+
+def started() -> None:
+    """Put back the handlers `while_starting` replaced: the command handles stop signals its own way."""
+    while _starting:
+        signum, previous = _starting.popitem()
+        signal.signal(signum, previous)
+
+
 def stopped() -> tuple[str, int]:
     """What stopped this process, in words, and the exit code that says so (128 + the signal's number)."""
     signum = _first[1] if _first is not None else signal.SIGINT

@@ -215,7 +215,7 @@ def test_a_stop_signal_during_launchs_progress_read_leaves_its_workers_free_to_w
         statements["seen"] = 0
         tick()
         per_tick = statements["seen"]
-        assert per_tick >= 3
+        assert per_tick >= 2  # a kept study reads what changed: two statements
         for k in range(1, per_tick + 1):
             worker = subprocess.Popen([sys.executable, "-c", WRITING_WORKER, str(path)], stdout=subprocess.PIPE,
                                       text=True)

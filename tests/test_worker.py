@@ -226,6 +226,39 @@ def test_a_stop_before_training_begins_is_an_interruption_not_a_lost_worker(setu
     assert failures.kind(trials[0].user_attrs) == failures.INTERRUPTED
 
 
+def test_a_starting_worker_reads_the_study_outside_the_lock_that_other_workers_wait_on(setup, monkeypatch):
+    # Its first read is of every trial: a minute at 30,000, during which every other starting worker waited.
+    import contextlib
+
+    import vadsearch.worker
+    from vadsearch.reconnect import ReconnectingRDBStorage
+
+    spec, options = setup("hidden_size = [4, 8]\n", max_epochs=1)
+    assert Worker(spec, options).run().stopped == "finished"
+    real_lock, real_read = vadsearch.worker.study_lock, ReconnectingRDBStorage._get_trials
+    held, read_under_lock = [False], []
+
+    @contextlib.contextmanager
+    def lock(*args, **kwargs):
+        with real_lock(*args, **kwargs):
+            held[0] = True
+            try:
+                yield
+            finally:
+                held[0] = False
+
+    def read(self, *args, **kwargs):
+        found = real_read(self, *args, **kwargs)
+        if held[0]:
+            read_under_lock.append(len(found))
+        return found
+
+    monkeypatch.setattr(vadsearch.worker, "study_lock", lock)
+    monkeypatch.setattr(ReconnectingRDBStorage, "_get_trials", read)
+    assert Worker(spec, options).run().stopped == "finished"
+    assert read_under_lock and set(read_under_lock) == {0}  # read inside the lock: only what changed
+
+
 def test_an_interrupted_configuration_resumes_before_the_untouched_ones(setup, monkeypatch):
     # Stopped every evening, a grid resumed yesterday's configuration last: queued again behind all the
     # others, while its checkpoints waited on disk and each evening began another.

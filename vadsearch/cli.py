@@ -562,18 +562,19 @@ def _progress_bar(spec, url: str):
     instead of a redraw every second for days."""
     from tqdm.auto import tqdm
 
-    from vadsearch.worker import progress
+    from vadsearch.worker import progress, watched
 
     bar = None
     if sys.stderr.isatty():
         bar = tqdm(total=spec.max_trials, desc=spec.name, unit="trial", dynamic_ncols=True)
-    state = {"storage": None, "counts": None}
+    state = {"storage": None, "study": None, "counts": None}
 
     def tick() -> None:
         try:
-            if state["storage"] is None:
-                state["storage"] = _open(url)
-            counts = settled, running, failed = progress(state["storage"], spec)
+            if state["study"] is None:  # kept: each later read is of the trials that changed
+                state["storage"] = state["storage"] or _open(url)
+                state["study"] = watched(state["storage"], spec)
+            counts = settled, running, failed = progress(state["study"], spec)
         except Exception:  # the first worker has not created the study yet
             return
         if bar is not None:

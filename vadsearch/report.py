@@ -85,12 +85,22 @@ def _model(spec: Mapping[str, Any]) -> str | None:
     return base.get("model") if isinstance(base, Mapping) else None
 
 
-def _retried(failed: FrozenTrial, trials: Sequence[FrozenTrial]) -> dict[str, Any]:
-    """The next trial of the same configuration, if any: `retried_as` (its number) and `retry_state`."""
-    point = failed.user_attrs.get("point")
-    later = (t for t in trials if t.number > failed.number and t.user_attrs.get("point") == point)
-    retry = next(later, None) if point is not None else None
+def _retried(failed: FrozenTrial, of_point: Mapping[str, list[FrozenTrial]]) -> dict[str, Any]:
+    """The next trial of the same configuration, if any: `retried_as` (its number) and `retry_state`.
+    `of_point`: each configuration's trials in order (`_by_point`)."""
+    later = (t for t in of_point.get(failed.user_attrs.get("point"), ()) if t.number > failed.number)
+    retry = next(later, None)
     return {"retried_as": retry.number if retry else None, "retry_state": retry.state.name if retry else None}
+
+
+def _by_point(trials: Sequence[FrozenTrial]) -> dict[str, list[FrozenTrial]]:
+    """Each configuration's trials, in order: a scan of every trial for each failed one took 36 s at 40,000."""
+    grouped: dict[str, list[FrozenTrial]] = {}
+    for trial in trials:
+        point = trial.user_attrs.get("point")
+        if point is not None:
+            grouped.setdefault(point, []).append(trial)
+    return grouped
 
 
 def _max_epochs(trial: FrozenTrial, spec: Mapping[str, Any]) -> int | None:
@@ -351,6 +361,7 @@ def status(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
         spec = _spec(study)
         trials = _trials(study)
         counts = {state: sum(t.state.name == state for t in trials) for state in STATES}
+        of_point = _by_point(trials)
         rows.append({
             "name": name,
             "vadsearch": bool(spec),  # False: another tool's study in the same database
@@ -375,7 +386,7 @@ def status(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
                 if t.state == TrialState.RUNNING
             ],
             "failed_trials": [
-                {"number": t.number, "failure": failures.describe(t.user_attrs), **_retried(t, trials)}
+                {"number": t.number, "failure": failures.describe(t.user_attrs), **_retried(t, of_point)}
                 for t in trials
                 if t.state == TrialState.FAIL
             ],

@@ -173,6 +173,9 @@ def survey(spec: StudySpec, trials: list[optuna.trial.FrozenTrial], max_stale_re
 
 def reconcile(study: optuna.Study, spec: StudySpec, max_stale_retries: int) -> int:
     """Queue every point that is neither settled nor in hand; return how many were queued."""
+    # A study's first read is of every trial (a minute at 30,000), made here outside the lock that every other
+    # worker's start waits on; the read inside it is then of the trials that changed since (Optuna's cache).
+    study.get_trials(deepcopy=False)
     with study_lock(study._storage, study.study_name):
         points = survey(spec, study.get_trials(deepcopy=False), max_stale_retries)
         queued = 0
@@ -192,16 +195,25 @@ def finished(spec: StudySpec, points: dict[str, _Point]) -> bool:
     return settled >= spec.max_trials
 
 
-def progress(storage: optuna.storages.BaseStorage, spec: StudySpec) -> tuple[int, int, int]:
-    """(settled configurations, running trials, configurations given up on) of a study, for a bar."""
+def progress(source: optuna.Study | optuna.storages.BaseStorage, spec: StudySpec) -> tuple[int, int, int]:
+    """(settled configurations, running trials, configurations given up on) of a study, for a bar. A study
+    kept from one call to the next reads only the trials that changed since (Optuna's cache): `launch`'s
+    bar read all of them each second, 30 s a read at 30,000 trials."""
     import optuna
     from optuna.trial import TrialState
 
-    study = optuna.load_study(study_name=spec.name, storage=storage, sampler=optuna.samplers.RandomSampler())
+    study = source if isinstance(source, optuna.Study) else watched(source, spec)
     trials = study.get_trials(deepcopy=False)
     points = survey(spec, trials, max_stale_retries=WorkerOptions.max_stale_retries)
     running = sum(t.state == TrialState.RUNNING and not t.user_attrs.get("orphan") for t in trials)
     return sum(p.settled for p in points.values()), running, _given_up(points, trials)
+
+
+def watched(storage: optuna.storages.BaseStorage, spec: StudySpec) -> optuna.Study:
+    """The study, loaded to be read (by `progress`), not run: no sampler of its own to build."""
+    import optuna
+
+    return optuna.load_study(study_name=spec.name, storage=storage, sampler=optuna.samplers.RandomSampler())
 
 
 def given_up(spec: StudySpec, trials: list[optuna.trial.FrozenTrial]) -> int:
@@ -210,14 +222,11 @@ def given_up(spec: StudySpec, trials: list[optuna.trial.FrozenTrial]) -> int:
 
 
 def _given_up(points: dict[str, _Point], trials) -> int:
-    return sum(p.settled and bool(p.failures or p.stale) and not _completed(p, trials) for p in points.values())
-
-
-def _completed(point: _Point, trials) -> bool:
     from optuna.trial import TrialState
 
-    key = point_key(point.params)
-    return any(t.user_attrs.get("point") == key and t.state == TrialState.COMPLETE for t in trials)
+    # One pass: a scan of every trial for each failed point took 36 s at 40,000 trials (launch's bar, status).
+    completed = {t.user_attrs.get("point") for t in trials if t.state == TrialState.COMPLETE}
+    return sum(p.settled and bool(p.failures or p.stale) and key not in completed for key, p in points.items())
 
 
 def open_study(

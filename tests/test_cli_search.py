@@ -225,6 +225,25 @@ def test_launch_progress_reads_only_the_trials_that_changed_since_its_last_tick(
     assert reads[1] == 0 and reads[-1] == 1
 
 
+def test_report_shows_the_best_twenty_unless_asked_for_more(finished):
+    # A study run for days printed thousands of rows, the best trial's summary below them all.
+    import optuna
+
+    study = optuna.load_study(study_name="tiny", storage="sqlite:///vadsearch.db")
+    template = study.trials[0]
+    for i in range(21):
+        study.add_trial(optuna.create_trial(params=template.params, distributions=template.distributions,
+                                            value=1.0 + i, user_attrs=template.user_attrs,
+                                            intermediate_values=template.intermediate_values))
+    table = invoke("report", "tiny").output
+    ranks = re.findall(r"^\s*(\d+)\s+\d+\s", table, flags=re.M)
+    assert ranks == [str(r) for r in range(1, 21)]
+    assert "(3 more complete trial(s): --top N shows more, --format csv every one)" in table
+    assert "test" in table.split("more complete trial")[1]  # the best trial's summary follows
+    assert len(invoke("report", "tiny", "--top", "30").output.split("more complete trial")) == 1
+    assert len(invoke("report", "tiny", "--format", "csv").output.strip().splitlines()) == 1 + 23
+
+
 def test_status_shows_a_running_trials_epoch_of_how_many_time_running_and_heartbeat(finished):
     import optuna
 

@@ -596,6 +596,7 @@ def _open(storage: str | None):
 
 
 FAILURES_SHOWN = 5
+TOP_SHOWN = 20  # leaderboard rows a table shows unless --top says otherwise
 
 
 def _duration(seconds: float | None) -> str:
@@ -684,7 +685,8 @@ def report(
     study: StudyArg,
     storage: StorageOpt = None,
     fmt: FormatOpt = "table",
-    top: Annotated[Optional[int], typer.Option(help="Show the N best trials only.")] = None,
+    top: Annotated[Optional[int], typer.Option(
+        help=f"Show the N best trials only. Default: all in csv and json, the best {TOP_SHOWN} otherwise.")] = None,
     trials: Annotated[bool, typer.Option(
         "--trials", help="Every trial instead, in order: state, epochs, dev score, worker, why it failed.")] = False,
 ) -> None:
@@ -715,7 +717,11 @@ def report(
     if fmt in ("csv", "json"):
         _show(reports.render(board, fmt))
         return
-    _show(reports.render(board, fmt))
+    more = len(board) - TOP_SHOWN if top is None else 0
+    # A study run for days printed thousands of rows, the best trial's summary below them all.
+    _show(reports.render(board.head(TOP_SHOWN) if more > 0 else board, fmt))
+    if more > 0:
+        typer.echo(f"({more} more complete trial(s): --top N shows more, --format csv every one)")
     typer.echo("")
     summary = {k: v for k, v in reports.best(loaded).items() if k != "config"}  # the config: see `best`
     _show(reports.render(summary, fmt))

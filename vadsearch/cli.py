@@ -13,7 +13,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -801,7 +801,21 @@ def migrate(
     target = migration.default_target(target)
     if grace_period is not None and grace_period < 0:
         raise ConfigError(f"--grace-period must be a number of seconds >= 0, got {grace_period}")
-    for copied in migration.migrate(source, target, studies, grace_period):
+    from tqdm.auto import tqdm
+
+    bars: dict[str, Any] = {}
+
+    def copied_one(name: str, done: int, total: int) -> None:
+        # On a terminal only (disable=None), as the workers' bars: a log file gets the summary lines below.
+        if name not in bars:
+            bars[name] = tqdm(total=total, desc=f"copying {name}", unit="trial", leave=False, dynamic_ncols=True,
+                              disable=None)
+        bar = bars[name]
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    for copied in migration.migrate(source, target, studies, grace_period, on_copied=copied_one):
         states = ", ".join(f"{n} {s.lower()}" for s, n in copied.states.items()) or "no trials"
         typer.echo(f"copied {copied.name}: {copied.trials} trial(s) ({states})")
         if copied.interrupted:

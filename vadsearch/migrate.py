@@ -1,6 +1,7 @@
 """Copy studies between storages (SQLite file → PostgreSQL, usually) without losing a trial.
 
-Optuna's `optuna.copy_study` does the copying. It creates the study with the same directions, copies
+The copy is `optuna.copy_study`'s, made through the storages' public calls so that it can say how far it
+got (`_copy_study`). It creates the study with the same directions, copies
 the study's user and system attributes, then re-creates every trial from its `FrozenTrial`: state,
 value, params with their distributions, user attributes, system attributes (an enqueued trial's
 `fixed_params`, the grid sampler's ids), per-epoch intermediate values and start/complete times. Trial
@@ -28,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vadsearch import failures
@@ -52,8 +53,10 @@ class MigratedStudy:
 
 
 def migrate(source_url: str, target_url: str, studies: Sequence[str] | None = None,
-            grace_period: float | None = None) -> list[MigratedStudy]:
-    """Copy `studies` (default: every study of the source) from one storage to another.
+            grace_period: float | None = None,
+            on_copied: Callable[[str, int, int], None] | None = None) -> list[MigratedStudy]:
+    """Copy `studies` (default: every study of the source) from one storage to another. `on_copied(name,
+    done, total)` follows each trial copied: a study of 30,000 trials takes a quarter of an hour.
 
     Raises `StorageError`, before anything is written, when a study is missing from the source or
     already in the target, or has a trial whose heartbeat is younger than `grace_period` (None: the
@@ -83,7 +86,7 @@ def migrate(source_url: str, target_url: str, studies: Sequence[str] | None = No
         raise StorageError(f"{mask(target_url)} already has a study named {', '.join(map(repr, taken))}; "
                            "nothing was copied: delete it there (optuna delete-study) or migrate the others "
                            "with --study")
-    return [_copy(source, target, name, target_url) for name in names]
+    return [_copy(source, target, name, target_url, on_copied) for name in names]
 
 
 def _refuse_live_workers(source, names: Sequence[str], grace_period: float | None) -> None:
@@ -112,12 +115,13 @@ def _same_database(a: str, b: str) -> bool:
     return where[0] == where[1]
 
 
-def _copy(source, target, name: str, target_url: str) -> MigratedStudy:
+def _copy(source, target, name: str, target_url: str,
+          on_copied: Callable[[str, int, int], None] | None = None) -> MigratedStudy:
     import optuna
 
     with study_lock(target, name):
         try:
-            optuna.copy_study(from_study_name=name, from_storage=source, to_storage=target)
+            _copy_study(source, target, name, on_copied)
             interrupted = _interrupt_running(target, name)
         except optuna.exceptions.DuplicatedStudyError:
             raise StorageError(f"{mask(target_url)} got a study named {name!r} while we were copying; "
@@ -134,6 +138,22 @@ def _copy(source, target, name: str, target_url: str) -> MigratedStudy:
     states = dict(sorted(Counter(t.state.name for t in trials).items()))
     log.info("copied study %s to %s: %d trial(s)", name, mask(target_url), len(trials))
     return MigratedStudy(name, len(trials), states, interrupted)
+
+
+def _copy_study(source, target, name: str, on_copied: Callable[[str, int, int], None] | None) -> None:
+    """What `optuna.copy_study` does, through the storages' public calls, telling `on_copied` of each trial:
+    copy_study is silent until it ends, a quarter of an hour for 30,000 trials."""
+    study_id = source.get_study_id_from_name(name)
+    copy_id = target.create_new_study(source.get_study_directions(study_id), name)  # raises if there is one
+    for key, value in source.get_study_system_attrs(study_id).items():
+        target.set_study_system_attr(copy_id, key, value)
+    for key, value in source.get_study_user_attrs(study_id).items():
+        target.set_study_user_attr(copy_id, key, value)
+    trials = sorted(source.get_all_trials(study_id, deepcopy=False), key=lambda t: t.number)
+    for done, trial in enumerate(trials, start=1):  # in order: the copies get the same numbers
+        target.create_new_trial(copy_id, template_trial=trial)
+        if on_copied is not None:
+            on_copied(name, done, len(trials))
 
 
 def _interrupt_running(storage, name: str) -> int:

@@ -312,3 +312,31 @@ def test_once_the_command_begins_it_handles_stop_signals_its_own_way():
     CliRunner().invoke(app, ["status", "--storage", "sqlite:////nonexistent/x.db"])
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
+
+
+def test_a_stop_signal_as_a_trial_starts_leaves_no_heartbeat_thread_behind(tmp_path, tiny_csv, monkeypatch):
+    # Raised inside Optuna as it started the trial's heartbeat thread, the stop skipped the `with` that stops
+    # that thread: it beat on, and the worker's process did not exit until its next beat.
+    from optuna.storages._heartbeat import HeartbeatThread
+    from optuna.trial import TrialState
+
+    from search_helpers import write_study
+    from vadsearch.studyfile import load_study_file
+    from vadsearch.worker import Worker, WorkerOptions
+
+    real_start = HeartbeatThread.start
+
+    def start(self):
+        real_start(self)
+        stop_myself()
+
+    monkeypatch.setattr(HeartbeatThread, "start", start)
+    spec = load_study_file(write_study(tmp_path / "s.toml", name="s", data=tiny_csv, search="hidden_size = [4]"))
+    options = WorkerOptions(storage=f"sqlite:///{tmp_path}/s.db", artifacts=tmp_path / "art", device="cpu",
+                            progress=False, heartbeat_interval=30)
+    with interrupts.handled():
+        assert Worker(spec, options).run().stopped == "interrupted"
+    beating = [t for t in threading.enumerate() if getattr(t, "_target", None) is HeartbeatThread._record_heartbeat]
+    assert beating == []
+    trial = optuna.load_study(study_name="s", storage=options.storage).trials[0]
+    assert trial.state == TrialState.FAIL and trial.user_attrs["interrupted"] is True

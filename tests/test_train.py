@@ -660,3 +660,27 @@ def test_a_stop_signal_is_raised_between_training_steps_never_inside_one(tiny_co
     assert calls == {"started": STEPS_PER_EPOCH + 3, "finished": STEPS_PER_EPOCH + 3}
     monkeypatch.undo()
     assert _run(TINY_LSTM, tiny_corpus, tmp_path).resumed_from == 1  # resumable as ever
+
+
+def test_a_stop_signal_while_the_model_is_built_waits_for_it_and_trains_nothing(tiny_corpus, tmp_path,
+                                                                                 monkeypatch):
+    # Building a model runs torch (and its finalizers, where a KeyboardInterrupt is printed and dropped).
+    import os
+    import signal
+
+    import vadsearch.models
+    from vadsearch import interrupts
+
+    real_build, built, steps = vadsearch.models.build_model, [], []
+
+    def build_model(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        built.append(real_build(*args, **kwargs))
+        return built[-1]
+
+    real_make_step = train_module.make_step
+    monkeypatch.setattr(vadsearch.models, "build_model", build_model)
+    monkeypatch.setattr(train_module, "make_step", lambda *a, **k: steps.append(1) or real_make_step(*a, **k))
+    with interrupts.handled(), pytest.raises(KeyboardInterrupt):
+        _run(TINY_LSTM, tiny_corpus, tmp_path)
+    assert len(built) == 1 and steps == []

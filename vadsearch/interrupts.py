@@ -18,8 +18,9 @@ Python raises KeyboardInterrupt wherever the main thread is when SIGINT arrives,
   insisting, raises at once.
 - Inside torch, where its C++ calls back into Python (importing it, a training step), the exception
   aborted the process (`std::terminate`, exit -6) or left CPython's flag of an unhandled Ctrl-C set, so the
-  worker killed itself with SIGINT as it exited (-2 where 143 was due). Training runs within `deferred()`
-  and raises a held stop between steps (`stop_point()`); torch is imported within it too.
+  worker killed itself with SIGINT as it exited (-2 where 143 was due). A trial runs within `deferred()`
+  and raises a held stop at its stop points (`stop_point()`: between training steps, after building the
+  model); torch is imported within it too. Nor does a held stop land in a finalizer ("Exception ignored").
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ def stopped() -> tuple[str, int]:
 
 def check() -> None:
     """Raise the KeyboardInterrupt of a stop signal that was swallowed where it landed."""
+    global _held
     if _active and _first is not None:
+        _held = False  # raised now: not again as a `deferred()` block ends
         raise KeyboardInterrupt
 
 

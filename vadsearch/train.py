@@ -112,7 +112,7 @@ def _train_epoch(run: _Run, step: Step, epoch: int, progress: bool,
     params = [p for p in model.parameters() if p.requires_grad]
     total = torch.zeros((), device=device)  # summed on the device: no host sync per step
     for rows in _bar(batches, progress, f"epoch {epoch}/{config.max_epochs}"):
-        interrupts.stop_point()  # Ctrl-C, held since the last step (see `_train_on`)
+        interrupts.stop_point()  # Ctrl-C, held since the last step (see `train`)
         loss = step(*collate(split, rows, device))
         if config.grad_clip:
             nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -253,8 +253,9 @@ def train(
     if dev_device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 where fp32 remains
     reset_peak(dev_device)  # a worker trains one trial after another in one process
-    # With several workers on one GPU, running out of memory may be the card's fault, not the trial's.
-    with blamed(dev_device):
+    # A stop signal is raised at the stop points below, never inside torch (see interrupts.py). With several
+    # workers on one GPU, running out of memory may be the card's fault, not the trial's.
+    with interrupts.deferred(), blamed(dev_device):
         return _train_on(dev_device, config, corpus, run_dir, on_epoch, progress, started, on_resume)
 
 
@@ -270,6 +271,7 @@ def _train_on(
 ) -> RunResult:
     seed_everything(config.seed)
     encoded = encode_corpus(config, corpus)
+    interrupts.stop_point()
     from vadsearch.models import build_model, trainable_parameters
 
     model = build_model(config, encoded, train_means(corpus)).to(dev_device)
@@ -298,11 +300,10 @@ def _train_on(
     if on_resume and resumed_from:
         on_resume(resumed_from)
 
+    interrupts.stop_point()
     writer = BackgroundWriter(directory) if directory else None
     try:
-        # A stop signal is raised between steps, never inside torch (see interrupts.py).
-        with interrupts.deferred():
-            stopped_early = _epochs(run, writer, on_epoch, progress)
+        stopped_early = _epochs(run, writer, on_epoch, progress)
     except BaseException:
         if writer:
             try:

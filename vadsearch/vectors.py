@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vadsearch import interrupts
 from vadsearch.data import cache_dir, user_path
 from vadsearch.download import DownloadError, download_verified
 from vadsearch.encoding import Vocabulary
@@ -104,6 +105,8 @@ def _load_vectors(path: str, _mtime_ns: int, _size: int, vocab: Vocabulary, seed
     dim = None
     with _open_text(path) as lines:
         for number, line in enumerate(lines, start=1):
+            if number % 50_000 == 0:
+                interrupts.stop_point()  # a Ctrl-C held by training (train.py) waits for 50,000 lines, not 400,000
             parts = line.rstrip("\n").rstrip(" ").split(" ")
             if number == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
                 dim = int(parts[1])  # word2vec text header: "<count> <dim>"

@@ -688,7 +688,12 @@ class Worker:
             study.sampler = self._samplers[self._repeats >= REPEATS_BEFORE_RANDOM]
             try:
                 self._outcome = None
-                study.optimize(self._objective, n_trials=1, catch=(Exception,))
+                # A stop signal is held through the trial's whole life and raised at its stop points (between
+                # training steps, train.py) or once Optuna has stored how it ended: raised inside Optuna (as it
+                # started the trial's heartbeat thread, say) or in a finalizer, it left a thread beating on,
+                # an "Exception ignored" traceback, or Optuna's own UnboundLocalError.
+                with interrupts.deferred():
+                    study.optimize(self._objective, n_trials=1, catch=(Exception,))
                 waiting = False  # a trial was started: a wait from now on is a new one
                 if self._torch_device is not None:
                     from vadsearch.gpumemory import release

@@ -204,7 +204,11 @@ def test_a_stop_signal_during_a_trials_final_write_stops_the_worker_and_keeps_th
     finally:
         event.remove(Engine, "after_cursor_execute", on_statement)
     assert summary.stopped == "interrupted"
-    assert [t.state for t in load(options).trials] == [TrialState.COMPLETE, TrialState.WAITING]
+    trials = load(options).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.WAITING]
+    # Settled before the stop: --keep best left its best weights alone, as after any finished trial.
+    kept = sorted(p.name for p in Path(trials[0].user_attrs["checkpoint_dir"]).iterdir())
+    assert kept == ["best-0001.pt"], kept
 
 
 def test_a_stop_before_training_begins_is_an_interruption_not_a_lost_worker(setup, monkeypatch):

@@ -689,17 +689,17 @@ class Worker:
             try:
                 self._outcome = None
                 # A stop signal is held through the trial's whole life and raised at its stop points (between
-                # training steps, train.py) or once Optuna has stored how it ended: raised inside Optuna (as it
+                # training steps, train.py) or once the trial is stored and settled: raised inside Optuna (as it
                 # started the trial's heartbeat thread, say) or in a finalizer, it left a thread beating on,
                 # an "Exception ignored" traceback, or Optuna's own UnboundLocalError.
                 with interrupts.deferred():
                     study.optimize(self._objective, n_trials=1, catch=(Exception,))
-                waiting = False  # a trial was started: a wait from now on is a new one
-                if self._torch_device is not None:
-                    from vadsearch.gpumemory import release
+                    waiting = False  # a trial was started: a wait from now on is a new one
+                    if self._torch_device is not None:
+                        from vadsearch.gpumemory import release
 
-                    release(self._torch_device)  # not held through a wait, nor counted against the next trial
-                self._settle(study)
+                        release(self._torch_device)  # not held through a wait, nor counted against the next trial
+                    self._settle(study)  # a finished trial's retention, before a stop held meanwhile
                 if self._machine_fault is not None:
                     # Every trial here would fail the same way: requeue this one and stop, saying why.
                     reconcile(study, self.spec, opts.max_stale_retries)

@@ -129,7 +129,7 @@ def test_a_signal_at_any_statement_of_a_trial_leaves_the_database_unlocked(tmp_p
                 assert isinstance(exc.__context__, KeyboardInterrupt)
             else:
                 pytest.fail(f"the signal after statement {k} did not stop the study")
-            assert time.monotonic() - started < 0.5, f"statement {k}: stopping waited on the database"
+            assert time.monotonic() - started < 2, f"statement {k}: stopping waited on the database"
             other = sqlite3.connect(path, timeout=0.1, isolation_level=None)
             try:
                 other.execute("BEGIN IMMEDIATE")  # fails at once if any connection kept the write lock

@@ -179,8 +179,8 @@ def test_ctrl_c_leaves_the_trial_resumable_without_spending_a_retry(setup, monke
 
 
 def test_a_stop_signal_during_a_trials_final_write_stops_the_worker_and_keeps_the_result(setup):
-    # The signal is held while the COMPLETE state is written and raised as that write returns, inside Optuna's
-    # _run_trial, which turns it into an UnboundLocalError of its own: the worker failed with that error.
+    # Raised as that write returned, inside Optuna's _run_trial, the stop became an UnboundLocalError of
+    # Optuna's own and the worker failed with it; it is now held until the trial is stored and settled.
     import os
     import signal
     import threading

@@ -517,7 +517,7 @@ def launch(
                    f"{'--workers-per-gpu' if gpu_list else '--workers'})",
                    err=True)
     from vadsearch import report as reports
-    from vadsearch.worker import progress
+    from vadsearch.worker import progress, watched
 
     storage = _open(url)
     if failed:
@@ -530,7 +530,7 @@ def launch(
             typer.echo(f"error: {stopped}; see {log_dir}/", err=True)
             raise typer.Exit(1)
     if gave_way and timeout is None:  # the study may be left unfinished when the last worker stopped
-        settled, running, _ = progress(storage, spec)
+        settled, running, _ = progress(watched(storage, spec), spec)
         verdict = launcher.unfinished(spec.name, settled, spec.max_trials, running, workers, len(gave_way),
                                       len(gpu_list))
         if verdict:
@@ -610,10 +610,10 @@ def _duration(seconds: float | None) -> str:
 
 
 def _finished(storage, spec) -> bool:
-    from vadsearch.worker import progress
+    from vadsearch.worker import progress, watched
 
     try:
-        return progress(storage, spec)[0] >= spec.max_trials
+        return progress(watched(storage, spec), spec)[0] >= spec.max_trials
     except KeyError:  # its workers stopped before any of them made the study
         return False
 

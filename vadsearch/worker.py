@@ -195,14 +195,12 @@ def finished(spec: StudySpec, points: dict[str, _Point]) -> bool:
     return settled >= spec.max_trials
 
 
-def progress(source: optuna.Study | optuna.storages.BaseStorage, spec: StudySpec) -> tuple[int, int, int]:
-    """(settled configurations, running trials, configurations given up on) of a study, for a bar. A study
-    kept from one call to the next reads only the trials that changed since (Optuna's cache): `launch`'s
-    bar read all of them each second, 30 s a read at 30,000 trials."""
-    import optuna
+def progress(study: optuna.Study, spec: StudySpec) -> tuple[int, int, int]:
+    """(settled configurations, running trials, configurations given up on) of a study (`watched`), for a
+    bar. A study kept from one call to the next reads only the trials that changed since (Optuna's cache):
+    `launch`'s bar read all of them each second, 30 s a read at 30,000 trials."""
     from optuna.trial import TrialState
 
-    study = source if isinstance(source, optuna.Study) else watched(source, spec)
     trials = study.get_trials(deepcopy=False)
     points = survey(spec, trials, max_stale_retries=WorkerOptions.max_stale_retries)
     running = sum(t.state == TrialState.RUNNING and not t.user_attrs.get("orphan") for t in trials)
@@ -709,8 +707,8 @@ class Worker:
             except MachineFault:
                 raise
             except Exception as exc:
-                # Optuna's _run_trial also turns a Ctrl-C raised as its final write returns (interrupts.deferred)
-                # into an UnboundLocalError: a stop signal came, so this is a stop.
+                # A second stop signal (the user insisting) raises wherever it lands; inside Optuna's final
+                # write, Optuna's _run_trial turns it into an UnboundLocalError of its own: still a stop.
                 interrupts.check()
                 gave_up = getattr(self._storage, "gave_up", "")
                 if gave_up:
